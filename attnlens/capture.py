@@ -1,0 +1,293 @@
+"""What to keep from each attention call, and the chunked math that computes it.
+
+Fused attention kernels never return probabilities. attnlens recomputes only what a
+:class:`CaptureSpec` asks for from the query and key tensors the model already computed
+(post-norm, post-RoPE), and lets the original attention call run untouched, so the model's
+output does not change. Rows of ``softmax(QKᵀ·s)`` are normalised by their log-sum-exp,
+computed over chunks of queries whose size bounds peak memory: no ``N × N`` matrix exists
+unless ``full`` is asked for.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EmptySpecError, HeadIndexError, UnknownLayerError, choices
+
+__all__ = ["KEEP_CHOICES", "CaptureSpec", "attention_slices"]
+
+#: What a capture can keep, see :class:`CaptureSpec`.
+KEEP_CHOICES = ("cross", "text_to_image", "key_mass", "hidden_norm", "full")
+HEAD_REDUCTIONS = ("mean", "max")
+
+LayerSelector = str | int | Sequence[str | int] | None
+HeadSelector = str | int | Sequence[int]
+StepSelector = int | Sequence[int] | Callable[[float], bool] | None
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Which attention to keep, where, and in what form.
+
+    Args:
+        layers: ``None`` for every attention layer; otherwise layer names, glob patterns over
+            them (``"double.3"``, ``"single.*"``) or indices into the model's layer list
+            (execution order), alone or in a list.
+        heads: ``"all"``; a head index or a list of them; or a reduction over all heads
+            (``"mean"``, ``"max"``), computed on the device before the copy to host.
+        timesteps: ``None`` for every denoising step; step indices (``[0, 5]``); or a
+            predicate on the timestep value (``lambda t: t > 500``).
+        keep: any of ``"cross"`` (image/video queries → text keys), ``"text_to_image"``
+            (text queries → image keys), ``"key_mass"`` (mean attention each key receives over
+            all queries), ``"hidden_norm"`` (L2 norm of each token's block output) and
+            ``"full"`` (the dense matrix; opt-in, bounded by ``max_full_bytes``).
+        dtype: dtype of what is kept (the math itself runs in float32).
+        device: device of what is kept.
+        chunk_bytes: memory budget of one query chunk's float32 logits; bounds peak memory.
+        max_full_bytes: largest ``full`` capture accepted before a forward is refused.
+
+    >>> spec = CaptureSpec(layers="double.*", heads="mean", keep=("cross", "key_mass"))
+    >>> spec.keep
+    ('cross', 'key_mass')
+    >>> CaptureSpec(keep=())
+    Traceback (most recent call last):
+    ...
+    attnlens.errors.EmptySpecError: CaptureSpec keeps nothing: choose keep from cross, text_to_image, \
+key_mass, hidden_norm, full
+    """
+
+    layers: LayerSelector = None
+    heads: HeadSelector = "all"
+    timesteps: StepSelector = None
+    keep: Sequence[str] = ("cross",)
+    dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu"
+    chunk_bytes: int = 64 * 2**20
+    max_full_bytes: int = 2 * 2**30
+
+    def __post_init__(self) -> None:
+        keep = (self.keep,) if isinstance(self.keep, str) else tuple(self.keep)
+        object.__setattr__(self, "keep", keep)
+        if not keep:
+            raise EmptySpecError(f"CaptureSpec keeps nothing: choose keep from {choices(KEEP_CHOICES)}")
+        unknown = [k for k in keep if k not in KEEP_CHOICES]
+        if unknown:
+            raise EmptySpecError(f"unknown keep {unknown}: choose from {choices(KEEP_CHOICES)}")
+        if isinstance(self.heads, str) and self.heads not in ("all", *HEAD_REDUCTIONS):
+            raise EmptySpecError(f"unknown heads {self.heads!r}: use 'all', 'mean', 'max' or head indices")
+        if self.chunk_bytes <= 0 or self.max_full_bytes < 0:
+            raise EmptySpecError("chunk_bytes must be positive and max_full_bytes non-negative")
+
+    @property
+    def attention_keeps(self) -> tuple[str, ...]:
+        """The kept variables that come from attention probabilities (not ``hidden_norm``)."""
+        return tuple(k for k in self.keep if k != "hidden_norm")
+
+    def select_layers(self, names: Sequence[str]) -> list[str]:
+        """Resolve :attr:`layers` against a model's layer names, in execution order.
+
+        >>> CaptureSpec(layers=["single.*", 0]).select_layers(["double.0", "single.0", "single.1"])
+        ['double.0', 'single.0', 'single.1']
+        >>> CaptureSpec(layers="double.9").select_layers(["double.0"])
+        Traceback (most recent call last):
+        ...
+        attnlens.errors.UnknownLayerError: layer 'double.9' matches no attention layer; valid: double.0
+        """
+        if self.layers is None:
+            return list(names)
+        selectors = [self.layers] if isinstance(self.layers, str | int) else list(self.layers)
+        chosen: set[str] = set()
+        for sel in selectors:
+            if isinstance(sel, int) and not isinstance(sel, bool):
+                if not -len(names) <= sel < len(names):
+                    raise UnknownLayerError(
+                        f"layer index {sel} out of range for {len(names)} layers; valid: {choices(names)}"
+                    )
+                chosen.add(names[sel])
+                continue
+            matched = fnmatch.filter(names, str(sel))
+            if not matched:
+                raise UnknownLayerError(f"layer {sel!r} matches no attention layer; valid: {choices(names)}")
+            chosen.update(matched)
+        return [n for n in names if n in chosen]
+
+    def select_heads(self, num_heads: int) -> tuple[list[int] | None, str | None]:
+        """Resolve :attr:`heads` for a layer with ``num_heads`` heads.
+
+        Returns ``(indices, reduction)``: head indices to keep (``None`` = all) and the
+        reduction applied over them (``None`` = keep each head).
+
+        >>> CaptureSpec(heads=[0, 2]).select_heads(4)
+        ([0, 2], None)
+        >>> CaptureSpec(heads=5).select_heads(4)
+        Traceback (most recent call last):
+        ...
+        attnlens.errors.HeadIndexError: head 5 out of range: the layer has 4 heads (valid: 0 … 3)
+        """
+        if isinstance(self.heads, str):
+            return None, (None if self.heads == "all" else self.heads)
+        indices = [self.heads] if isinstance(self.heads, int) else [int(h) for h in self.heads]
+        if not indices:
+            raise HeadIndexError("heads is an empty list: give head indices, 'all', 'mean' or 'max'")
+        for h in indices:
+            if not 0 <= h < num_heads:
+                raise HeadIndexError(
+                    f"head {h} out of range: the layer has {num_heads} heads (valid: 0 … {num_heads - 1})"
+                )
+        return indices, None
+
+    def head_labels(self, num_heads: int) -> list[int] | list[str]:
+        """Labels of the ``head`` coordinate: head indices, or the reduction's name."""
+        indices, reduction = self.select_heads(num_heads)
+        if reduction is not None:
+            return [reduction]
+        return list(range(num_heads)) if indices is None else indices
+
+    def wants_step(self, step: int, timestep: float) -> bool:
+        """Whether denoising step ``step`` (at ``timestep``) is captured.
+
+        >>> CaptureSpec(timesteps=lambda t: t > 500).wants_step(0, 999.0)
+        True
+        >>> CaptureSpec(timesteps=[1, 2]).wants_step(0, 999.0)
+        False
+        """
+        sel = self.timesteps
+        if sel is None:
+            return True
+        if callable(sel):
+            return bool(sel(timestep))
+        return step in ([sel] if isinstance(sel, int) else list(sel))
+
+
+def attention_slices(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    text: torch.Tensor,
+    image: torch.Tensor,
+    keep: Sequence[str],
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    heads: Sequence[int] | None = None,
+    reduction: str | None = None,
+    chunk_bytes: int = 64 * 2**20,
+) -> dict[str, torch.Tensor]:
+    """Attention probabilities restricted to what ``keep`` asks for, without an ``N × N`` matrix.
+
+    ``P[q, k] = exp(q·k·s − lse_q)`` where ``lse_q`` is the log-sum-exp of row ``q``,
+    computed over chunks of queries so that at most ``chunk_bytes`` of float32 logits exist
+    at once.
+
+    Args:
+        query: ``(batch, seq, heads, head_dim)``, post-norm and post-RoPE.
+        key: ``(batch, seq, heads, head_dim)``.
+        text: positions of text tokens in ``seq``, ascending, shape ``(key_text,)``.
+        image: positions of image/video tokens in ``seq``, ascending, shape ``(query,)``.
+        keep: subset of ``cross``, ``text_to_image``, ``key_mass``, ``full``.
+        scale: logit scale, default ``1/sqrt(head_dim)``.
+        attn_mask: boolean (True = attend) or additive mask broadcastable to
+            ``(batch, heads, seq, seq)``.
+        heads: head indices to keep (default all).
+        reduction: ``"mean"`` or ``"max"`` over the kept heads, or ``None``.
+        chunk_bytes: float32 budget of one chunk of logits.
+
+    Returns:
+        float32 tensors: ``cross`` ``(batch, head, query, key_text)``; ``text_to_image``
+        ``(batch, head, query_text, key_image)``; ``key_mass`` ``(batch, head, key)``;
+        ``full`` ``(batch, head, query_all, key)``; ``head`` has size 1 under a reduction.
+
+    >>> q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    >>> out = attention_slices(q, k, text=torch.arange(2), image=torch.arange(2, 5), keep=["cross", "full"])
+    >>> out["cross"].shape, out["full"].shape
+    (torch.Size([1, 2, 3, 2]), torch.Size([1, 2, 5, 5]))
+    >>> bool(torch.allclose(out["full"].sum(-1), torch.ones(1, 2, 5)))
+    True
+    """
+    if query.ndim != 4 or key.ndim != 4 or query.shape[0] != key.shape[0] or query.shape[2:] != key.shape[2:]:
+        raise ValueError(
+            f"query and key must be (batch, seq, heads, head_dim) with matching batch, heads and head_dim; "
+            f"got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    n = key.shape[1]
+    if query.shape[1] != n:
+        raise ValueError(f"joint attention needs as many queries as keys; got {query.shape[1]} and {n}")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    q = query.transpose(1, 2)  # (batch, heads, seq, head_dim)
+    k = key.transpose(1, 2)
+    if heads is not None:
+        index = torch.as_tensor(list(heads), device=q.device)
+        q, k = q.index_select(1, index), k.index_select(1, index)
+    k = k.float()
+    text = text.to(q.device)
+    image = image.to(q.device)
+    batch, num_heads = q.shape[:2]
+
+    all_rows = "key_mass" in keep or "full" in keep
+    if all_rows:
+        rows = torch.arange(n, device=q.device)
+    else:
+        parts = [image] if "cross" in keep else []
+        parts += [text] if "text_to_image" in keep else []
+        rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=q.device)
+    is_image = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_image[image] = True
+    is_text = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_text[text] = True
+
+    # logits, exp and a temporary: three float32 (batch, heads, chunk, seq) tensors at once
+    chunk = max(1, chunk_bytes // (3 * 4 * batch * num_heads * n))
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in keep if name != "key_mass"}
+    mass = torch.zeros(batch, num_heads, n, device=q.device) if "key_mass" in keep else None
+    for start in range(0, len(rows), chunk):
+        idx = rows[start : start + chunk]
+        logits = torch.matmul(q[:, :, idx].float(), k.transpose(-1, -2)).mul_(scale)
+        if attn_mask is not None:
+            logits = _apply_mask(logits, attn_mask, idx)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        img_rows, txt_rows = is_image[idx], is_text[idx]
+        if all_rows:
+            probs = logits.sub_(lse).exp_()
+            if mass is not None:
+                mass += probs.sum(dim=2)
+            if "full" in pieces:
+                pieces["full"].append(_reduce(probs, reduction))
+            if "cross" in pieces:
+                pieces["cross"].append(_reduce(probs[:, :, img_rows][..., text], reduction))
+            if "text_to_image" in pieces:
+                pieces["text_to_image"].append(_reduce(probs[:, :, txt_rows][..., image], reduction))
+            continue
+        if "cross" in pieces and img_rows.any():
+            sub = logits[:, :, img_rows][..., text] - lse[:, :, img_rows]
+            pieces["cross"].append(_reduce(sub.exp_(), reduction))
+        if "text_to_image" in pieces and txt_rows.any():
+            sub = logits[:, :, txt_rows][..., image] - lse[:, :, txt_rows]
+            pieces["text_to_image"].append(_reduce(sub.exp_(), reduction))
+
+    out = {name: torch.cat(parts, dim=2) for name, parts in pieces.items() if parts}
+    if mass is not None:
+        out["key_mass"] = _reduce(mass / n, reduction)
+    return out
+
+
+def _reduce(x: torch.Tensor, reduction: str | None) -> torch.Tensor:
+    if reduction is None:
+        return x
+    if reduction == "mean":
+        return x.mean(dim=1, keepdim=True)
+    return x.amax(dim=1, keepdim=True)
+
+
+def _apply_mask(logits: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Add an SDPA-style mask (boolean keep-mask or additive) to a chunk of query rows."""
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] != 1:
+        mask = mask[..., rows, :]
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.float()

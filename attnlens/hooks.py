@@ -1,0 +1,256 @@
+"""Attach and detach interception on a diffusion transformer without changing its outputs.
+
+A :class:`HookRegistry` adds, for the lifetime of a capture:
+
+- a forward pre-hook on the transformer that reads each call's timestep and token layout;
+- a wrapper around the transformer's ``cache_context`` so that ``"cond"``/``"uncond"`` calls
+  are labelled with their classifier-free-guidance branch;
+- pre/post hooks on each attention module that scope the interception to that module;
+- a reference-counted replacement of the module-level attention function the adapter names
+  (``dispatch_attention_fn`` for FLUX), which shows the post-RoPE query and key to the
+  listener and then calls the original function with the very same arguments;
+- forward hooks on blocks (hidden-state norms) and a pre-hook on the pipeline's text encoder
+  (token ids, for word labels).
+
+Everything is removed on :meth:`HookRegistry.detach`, also when the forward raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import weakref
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import HookError, UnsupportedModelError
+from .models.base import AttentionLayer, ModelAdapter
+
+__all__ = ["HookRegistry", "Listener"]
+
+# The handler of the attention module whose forward is running, if it is being captured.
+_HANDLER: ContextVar[Callable[[tuple, dict], None] | None] = ContextVar("attnlens_handler", default=None)
+
+
+class Listener(Protocol):
+    """What a :class:`HookRegistry` reports to (a :class:`~attnlens.Capture` implements it)."""
+
+    def begin_forward(self, args: tuple, kwargs: dict[str, Any], branch: str) -> bool: ...
+    def end_forward(self) -> None: ...
+    def attention(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        scale: float | None,
+    ) -> None: ...
+    def block_output(self, layer: AttentionLayer, output: Any) -> None: ...
+    def text_ids(self, input_ids: torch.Tensor) -> None: ...
+
+
+class _Patch:
+    """A module-level function replaced by a pass-through wrapper while any capture uses it."""
+
+    _installed: dict[str, _Patch] = {}
+
+    def __init__(self, target: str) -> None:
+        module_name, _, attr = target.partition(":")
+        try:
+            self.module = importlib.import_module(module_name)
+            self.original = getattr(self.module, attr)
+        except (ImportError, AttributeError) as exc:
+            raise UnsupportedModelError(
+                f"cannot intercept {target}: this diffusers version does not provide it "
+                f"(attnlens supports diffusers >= 0.35)"
+            ) from exc
+        self.target = target
+        self.attr = attr
+        self.users = 0
+        original = self.original
+
+        @functools.wraps(original)
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            handler = _HANDLER.get()
+            if handler is not None:
+                _HANDLER.set(None)  # one capture per module call (IP-adapter calls come second)
+                handler(args, kwargs)
+            return original(*args, **kwargs)
+
+        self.wrapper = passthrough
+
+    @classmethod
+    def acquire(cls, target: str) -> _Patch:
+        patch = cls._installed.get(target)
+        if patch is None:
+            patch = cls._installed[target] = _Patch(target)
+            setattr(patch.module, patch.attr, patch.wrapper)
+        patch.users += 1
+        return patch
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            setattr(self.module, self.attr, self.original)
+            type(self)._installed.pop(self.target, None)
+
+
+class HookRegistry:
+    """Interception on one transformer (and its pipeline), reported to a :class:`Listener`.
+
+    Use as a context manager, or call :meth:`attach` and :meth:`detach`. A transformer can
+    carry one registry at a time: attaching a second (nesting captures) raises
+    :class:`~attnlens.errors.HookError`.
+    """
+
+    _hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        transformer: nn.Module,
+        layers: list[AttentionLayer],
+        listener: Listener,
+        *,
+        pipeline: Any | None = None,
+        hidden_states: bool = False,
+    ) -> None:
+        self.adapter = adapter
+        self.transformer = transformer
+        self.layers = layers
+        self.listener = listener
+        self.pipeline = pipeline
+        self.hidden_states = hidden_states
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._patches: list[_Patch] = []
+        self._branch: list[str] = []
+        self._tokens: list = []  # ContextVar tokens of the attention modules being run
+        self._active = False  # whether the running forward is captured
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> HookRegistry:
+        if self._attached:
+            raise HookError("this HookRegistry is already attached")
+        if self.transformer in self._hooked:
+            raise HookError(
+                f"a capture is already attached to this {type(self.transformer).__name__}; captures of one "
+                f"model cannot nest: leave the first `with attnlens.capture(...)` block before starting another"
+            )
+        try:
+            self._attach()
+        except BaseException:
+            self._remove()
+            raise
+        self._hooked.add(self.transformer)
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and patch; safe to call twice."""
+        if not self._attached:
+            return
+        self._remove()
+        self._hooked.discard(self.transformer)
+        self._attached = False
+
+    def __enter__(self) -> HookRegistry:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        for target in self.adapter.attention_functions:
+            self._patches.append(_Patch.acquire(target))
+        t = self.transformer
+        self._handles.append(t.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self._handles.append(t.register_forward_hook(self._end, always_call=True))
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._enter_layer(layer)))
+            self._handles.append(layer.module.register_forward_hook(self._leave_layer, always_call=True))
+            if self.hidden_states:
+                self._handles.append(layer.block.register_forward_hook(self._block_hook(layer)))
+        if callable(getattr(t, "cache_context", None)):
+            t.cache_context = self._labelled_cache_context(t.cache_context)
+        encoder = self.adapter.text_encoder(self.pipeline) if self.pipeline is not None else None
+        if encoder is not None:
+            self._handles.append(encoder[0].register_forward_pre_hook(self._text_hook, with_kwargs=True))
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for patch in self._patches:
+            patch.release()
+        self._patches.clear()
+        if "cache_context" in vars(self.transformer):
+            del self.transformer.cache_context
+        self._branch.clear()
+        self._tokens.clear()
+        self._active = False
+
+    def _labelled_cache_context(self, original: Callable) -> Callable:
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
+            self._branch.append(str(name))
+            try:
+                with original(name, **kwargs):
+                    yield
+            finally:
+                self._branch.pop()
+
+        return cache_context
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        branch = self._branch[-1] if self._branch else "cond"
+        self._active = self.listener.begin_forward(args, kwargs, branch)
+
+    def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._active:
+            self._active = False
+            self.listener.end_forward()
+
+    def _enter_layer(self, layer: AttentionLayer) -> Callable:
+        args_at = self.adapter.attention_arguments
+
+        def handler(args: tuple, kwargs: dict) -> None:
+            def arg(name: str) -> Any:
+                pos = args_at[name]
+                return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
+
+            with torch.no_grad():
+                self.listener.attention(layer, arg("query"), arg("key"), arg("attn_mask"), arg("scale"))
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if self._active:
+                self._tokens.append(_HANDLER.set(handler))
+
+        return pre_hook
+
+    def _leave_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._tokens:
+            _HANDLER.reset(self._tokens.pop())
+
+    def _block_hook(self, layer: AttentionLayer) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._active:
+                with torch.no_grad():
+                    self.listener.block_output(layer, output)
+
+        return hook
+
+    def _text_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            self.listener.text_ids(ids.detach().cpu())

@@ -1,0 +1,71 @@
+"""FLUX.1 (``FluxTransformer2DModel``): joint attention over ``[text | image]``.
+
+Double-stream blocks (``double.N``) project text and image separately and attend jointly;
+single-stream blocks (``single.N``) see the concatenated sequence. Both call
+``dispatch_attention_fn`` with post-norm, post-RoPE ``(batch, seq, heads, head_dim)`` tensors.
+The pipeline passes ``timestep / 1000``; attnlens labels steps with the scheduler's value.
+Image tokens are 2×2-packed latent patches whose ``(y, x)`` come from ``img_ids``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import AttentionLayer, CallLayout, ModelAdapter
+
+__all__ = ["FluxAdapter"]
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+    attention_functions = ("diffusers.models.transformers.transformer_flux:dispatch_attention_fn",)
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        found = []
+        for kind, blocks in (
+            ("double", transformer.transformer_blocks),
+            ("single", transformer.single_transformer_blocks),
+        ):
+            for i, block in enumerate(blocks):
+                found.append(AttentionLayer(f"{kind}.{i}", kind, block.attn, block, block.attn.heads))
+        return found
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
+        img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+        if hidden is None or text is None or timestep is None:
+            raise TypeError("FluxTransformer2DModel needs hidden_states, encoder_hidden_states and timestep")
+        n_text, n_image = text.shape[1], hidden.shape[1]
+        if img_ids is not None:
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            yx = ids[:, 1:3].round().long().cpu().numpy()
+        else:  # row-major square grid as the pipeline packs it
+            side = int(round(n_image**0.5))
+            yx = np.stack(np.divmod(np.arange(n_image), max(side, 1)), axis=1)
+        grid = np.concatenate([np.zeros((n_image, 1), dtype=np.int64), yx.astype(np.int64)], axis=1)
+        t = torch.as_tensor(timestep).flatten()[0].item()
+        return CallLayout(
+            batch=hidden.shape[0],
+            timestep=float(t) * 1000.0,
+            seq_len=n_text + n_image,
+            text=torch.arange(n_text),
+            image=torch.arange(n_text, n_text + n_image),
+            grid=grid,
+        )
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        encoder_hidden, hidden = output
+        return torch.cat([encoder_hidden, hidden], dim=1)
+
+    def text_encoder(self, pipeline: Any) -> tuple[nn.Module, Any] | None:
+        # T5's tokens are the ones concatenated into joint attention; CLIP only gives the pooled vector
+        encoder = getattr(pipeline, "text_encoder_2", None)
+        tokenizer = getattr(pipeline, "tokenizer_2", None)
+        return (encoder, tokenizer) if encoder is not None and tokenizer is not None else None
