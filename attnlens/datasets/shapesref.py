@@ -1,0 +1,601 @@
+"""ShapesRef: a synthetic world of coloured shapes with exact masks, captions and referring expressions.
+
+Scenes hold 1-4 non-overlapping objects (6 shapes, 6 colours, 2 sizes) on a plain or lightly
+speckled background. Drawing has no anti-aliasing, so a pixel belongs to an object's mask exactly
+when it carries that object's colour. Each scene has a caption with stop words and a list of
+referring expressions, each of which picks out exactly one object by colour and shape, by shape
+alone, by size, or by position. The world is built so that colour alone does not solve it:
+objects often share a colour with another object of a different shape.
+
+>>> rng = np.random.default_rng(0)
+>>> scene = make_scene(rng, n_objects=2)
+>>> scene.image.shape, scene.masks.shape  # (height, width, rgb), (object, height, width)
+((64, 64, 3), (2, 64, 64))
+>>> tok = build_tokenizer()
+>>> len(tok(scene.caption, padding="max_length")["input_ids"])
+24
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "SPECIAL_TOKENS",
+    "SPLITS",
+    "STOP_WORDS",
+    "TEXTURE_AMPLITUDE",
+    "VOCAB",
+    "Expression",
+    "ObjectSpec",
+    "Scene",
+    "Video",
+    "build_tokenizer",
+    "expressions",
+    "make_scene",
+    "make_video",
+    "split",
+    "word_roles",
+]
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 230),
+    "yellow": (235, 205, 30),
+    "purple": (150, 60, 200),
+    "orange": (245, 135, 20),
+}
+"""Object colours: name -> RGB."""
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "grey": (128, 128, 128),
+    "black": (28, 28, 28),
+    "white": (228, 228, 228),
+}
+"""Background colours: name -> RGB (texture adds grey-level noise of at most ``TEXTURE_AMPLITUDE``)."""
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
+"""Position word -> the phrase that follows the noun in a position expression."""
+
+STOP_WORDS: tuple[str, ...] = (
+    *("a", "an", "the", "and", "on", "at", "of", "in", "with", "to", "by", "is", "are"),
+    *("there", "this", "that", "it", "its", "some", "above", "below"),
+)
+"""Stop words in the vocabulary: those the captions use plus common ones for free-form prompts."""
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[EOS]")
+_PUNCTUATION = (",", ".")
+VOCAB: tuple[str, ...] = (
+    *SPECIAL_TOKENS,
+    *sorted({*STOP_WORDS, *_PUNCTUATION, *COLOURS, *BACKGROUNDS, *SHAPES, *SIZES, *POSITIONS, "background"}),
+)
+"""The closed vocabulary; a word's token id is its index here."""
+
+SPLITS: dict[str, int | None] = {"train": None, "val": 200, "test": 400}
+"""Split name -> number of referring expressions it holds (``None``: an endless stream)."""
+
+_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+TEXTURE_AMPLITUDE = 12  # background noise lies in [-12, 12] grey levels
+_GAP = 2  # minimum empty pixels between the bounding squares of two objects
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One object: what it is and where its bounding square lies (in frame 0 for videos).
+
+    Attributes:
+        shape, colour, size: names from :data:`SHAPES`, :data:`COLOURS`, :data:`SIZES`.
+        x, y: column and row of the bounding square's top-left pixel.
+        extent: side of the bounding square in pixels.
+        velocity: ``(dx, dy)`` pixels per frame; ``(0, 0)`` in still scenes.
+
+    >>> ObjectSpec("circle", "red", "small", x=3, y=5, extent=12, velocity=(1, 0)).box(frame=2)
+    (5, 5, 17, 17)
+    """
+
+    shape: str
+    colour: str
+    size: str
+    x: int
+    y: int
+    extent: int
+    velocity: tuple[int, int] = (0, 0)
+
+    def box(self, frame: int = 0) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the bounding square in ``frame``, end exclusive."""
+        x0, y0 = self.x + frame * self.velocity[0], self.y + frame * self.velocity[1]
+        return x0, y0, x0 + self.extent, y0 + self.extent
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A referring expression that picks out exactly one object of its scene.
+
+    Attributes:
+        text: e.g. ``"the red circle"``, ``"the triangle"``, ``"the small square"``,
+            ``"the circle on the left"``.
+        target: index of the referred object in ``scene.objects`` (and ``scene.masks``).
+        kind: ``"colour_shape"``, ``"shape"``, ``"size"`` or ``"position"``.
+        head_noun: the shape word, the expression's head noun.
+        has_same_colour_distractor: whether another object of the scene has the target's colour.
+    """
+
+    text: str
+    target: int
+    kind: str
+    head_noun: str
+    has_same_colour_distractor: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """A still ShapesRef scene.
+
+    Attributes:
+        image: ``(height, width, 3)`` uint8 RGB.
+        masks: ``(object, height, width)`` bool, one exact mask per object.
+        objects: the objects, in the order of ``masks``.
+        background: a name from :data:`BACKGROUNDS`.
+        textured: whether the background carries grey-level noise.
+        caption: e.g. ``"a red circle and a small blue square on a grey background"``.
+        expressions: every referring expression the scene supports.
+    """
+
+    image: np.ndarray
+    masks: np.ndarray
+    objects: tuple[ObjectSpec, ...]
+    background: str
+    textured: bool
+    caption: str
+    expressions: tuple[Expression, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Video:
+    """A ShapesRef video: the objects of a scene moving in straight lines.
+
+    Attributes:
+        frames: ``(frame, height, width, 3)`` uint8 RGB.
+        masks: ``(frame, object, height, width)`` bool.
+        objects, background, textured, caption: as in :class:`Scene`.
+        expressions: as in :class:`Scene`; position expressions hold in every frame.
+    """
+
+    frames: np.ndarray
+    masks: np.ndarray
+    objects: tuple[ObjectSpec, ...]
+    background: str
+    textured: bool
+    caption: str
+    expressions: tuple[Expression, ...]
+
+
+def make_scene(
+    rng: np.random.Generator,
+    *,
+    n_objects: int | None = None,
+    image_size: int = 64,
+    sizes_px: tuple[int, int] = (12, 22),
+    p_same_colour: float = 0.5,
+    p_same_shape: float = 0.4,
+    p_texture: float = 0.5,
+) -> Scene:
+    """Draw one still scene from ``rng``.
+
+    Args:
+        rng: the only source of randomness; the same state gives the same scene.
+        n_objects: 1-4, or ``None`` to draw it uniformly.
+        image_size: side of the square image in pixels.
+        sizes_px: sides of the bounding squares of small and large objects (defaults at 64 px:
+            3 and 5.5 patches of 4x4).
+        p_same_colour: chance that an object reuses a colour already in the scene (with a new shape);
+            it controls the share of expressions with a same-colour distractor.
+        p_same_shape: chance that an object reuses a shape already in the scene (with a new colour);
+            size and position expressions need repeated shapes.
+        p_texture: chance of a speckled rather than plain background.
+
+    >>> scene = make_scene(np.random.default_rng(1), n_objects=3)
+    >>> scene.image.shape, scene.image.dtype, scene.masks.shape  # (h, w, rgb), (object, h, w)
+    ((64, 64, 3), dtype('uint8'), (3, 64, 64))
+    >>> scene.caption
+    'a small blue cross, a small red circle and a red triangle on a black background'
+    >>> [(e.text, e.target) for e in scene.expressions][1:3]
+    [('the cross', 0), ('the red circle', 1)]
+    """
+    objects, background, texture = _sample(
+        rng, n_objects, image_size, sizes_px, p_same_colour, p_same_shape, p_texture, 1, 0
+    )
+    image, masks = _render(objects, background, texture, image_size, frame=0)
+    caption = _caption(rng, objects, background)
+    return Scene(
+        image, masks, objects, background, texture is not None, caption, _expressions(objects, masks[None])
+    )
+
+
+def make_video(
+    rng: np.random.Generator,
+    *,
+    n_frames: int = 4,
+    max_speed: int = 3,
+    n_objects: int | None = None,
+    image_size: int = 64,
+    sizes_px: tuple[int, int] = (12, 22),
+    p_same_colour: float = 0.5,
+    p_same_shape: float = 0.4,
+    p_texture: float = 0.5,
+) -> Video:
+    """Draw one video: every object moves by a constant whole-pixel velocity, never leaving the
+    canvas nor touching another object. The background stays still.
+
+    Args:
+        n_frames: number of frames (at least 2).
+        max_speed: largest ``|dx|`` and ``|dy|`` in pixels per frame (at least 1); no object stands still.
+        others: as in :func:`make_scene`.
+
+    >>> video = make_video(np.random.default_rng(0), n_objects=2)
+    >>> video.frames.shape, video.masks.shape  # (frame, height, width, rgb), (frame, object, height, width)
+    ((4, 64, 64, 3), (4, 2, 64, 64))
+    >>> [o.velocity for o in video.objects]  # (dx, dy) pixels per frame
+    [(-3, -2), (3, 0)]
+    """
+    _check_int("n_frames", n_frames, 2)
+    _check_int("max_speed", max_speed, 1)
+    objects, background, texture = _sample(
+        rng, n_objects, image_size, sizes_px, p_same_colour, p_same_shape, p_texture, n_frames, max_speed
+    )
+    drawn = [_render(objects, background, texture, image_size, frame=t) for t in range(n_frames)]
+    frames = np.stack([image for image, _ in drawn])
+    masks = np.stack([m for _, m in drawn])
+    caption = _caption(rng, objects, background)
+    return Video(
+        frames, masks, objects, background, texture is not None, caption, _expressions(objects, masks)
+    )
+
+
+def split(name: str, n: int | None = None, *, start: int = 0, video: bool = False) -> Iterator[Scene | Video]:
+    """Iterate the scenes (or videos) of a frozen split.
+
+    Scene ``i`` of a split is drawn from its own generator seeded by ``(split seed, video, i)``, so any
+    scene can be reached without drawing the ones before it (``start``). ``"train"`` is endless;
+    ``"val"`` and ``"test"`` hold the scenes whose expressions make up their :data:`SPLITS` count.
+
+    Args:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        n: how many scenes to yield (``None``: all, or forever for ``"train"``).
+        start: index of the first scene.
+        video: yield :class:`Video` samples from the video variant of the split.
+
+    >>> [len(s.objects) for s in split("test", n=3)]
+    [4, 2, 4]
+    """
+    n_scenes = _n_split_scenes(name, video)
+    if n is not None:
+        _check_int("n", n, 0)
+    _check_int("start", start, 0)
+    stop = n_scenes if n is None else start + n if n_scenes is None else min(start + n, n_scenes)
+    indices = itertools.count(start) if stop is None else range(start, stop)
+    return (_scene_at(name, video, i) for i in indices)
+
+
+def expressions(
+    name: str, n: int | None = None, *, video: bool = False
+) -> Iterator[tuple[Scene | Video, Expression]]:
+    """Iterate ``(scene, expression)`` pairs of a split, scene by scene.
+
+    Args:
+        name: ``"train"``, ``"val"`` or ``"test"``.
+        n: how many pairs (``None``: the split's :data:`SPLITS` count, or forever for ``"train"``);
+            at most that count for ``"val"`` and ``"test"``.
+        video: draw from the video variant of the split.
+
+    >>> [(e.text, e.kind, e.target) for _, e in expressions("test", n=2)]
+    [('the green circle', 'colour_shape', 0), ('the circle at the top', 'position', 0)]
+    """
+    _check_split(name)
+    size = SPLITS[name]
+    if n is not None:
+        _check_int("n", n, 0)
+    if n is not None and size is not None and n > size:
+        raise ValueError(f"split {name!r} holds {size} expressions, asked for n={n}")
+    pairs = ((scene, e) for scene in split(name, video=video) for e in scene.expressions)
+    count = size if n is None else n
+    return pairs if count is None else itertools.islice(pairs, count)
+
+
+def word_roles() -> dict[str, str]:
+    """The role of every vocabulary word: ``"special"``, ``"stop"``, ``"punctuation"``, ``"colour"``
+    (object and background colours), ``"shape"``, ``"size"``, ``"position"`` or ``"other"``.
+
+    >>> roles = word_roles()
+    >>> roles["the"], roles["red"], roles["ring"], roles["small"], roles["left"], roles["[PAD]"]
+    ('stop', 'colour', 'shape', 'size', 'position', 'special')
+    """
+    groups = {
+        "special": SPECIAL_TOKENS,
+        "stop": STOP_WORDS,
+        "punctuation": _PUNCTUATION,
+        "colour": (*COLOURS, *BACKGROUNDS),
+        "shape": SHAPES,
+        "size": SIZES,
+        "position": tuple(POSITIONS),
+    }
+    role_of = {word: role for role, words in groups.items() for word in words}
+    return {word: role_of.get(word, "other") for word in VOCAB}
+
+
+def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over :data:`VOCAB`, as a ``transformers.PreTrainedTokenizerFast``.
+
+    Text is lower-cased and split on white space and punctuation; every word is one token, unknown
+    words map to ``[UNK]``, ``[EOS]`` is appended (as T5 does in FLUX), and ``padding="max_length"``
+    pads with ``[PAD]`` (id 0) on the right to ``max_length`` (the tokenizer's ``model_max_length``).
+    The longest caption takes 23 words, so the default 24 never truncates one.
+
+    >>> tok = build_tokenizer(max_length=8)
+    >>> enc = tok("The red circle, on the left", padding="max_length", truncation=True)
+    >>> tok.convert_ids_to_tokens(enc["input_ids"])
+    ['the', 'red', 'circle', ',', 'on', 'the', 'left', '[EOS]']
+    >>> tok("a ring", padding="max_length")["attention_mask"]
+    [1, 1, 1, 0, 0, 0, 0, 0]
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    _check_int("max_length", max_length, 2)
+    ids = {word: i for i, word in enumerate(VOCAB)}
+    backend = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A [EOS]", pair="$A [EOS] $B [EOS]", special_tokens=[("[EOS]", ids["[EOS]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="[EOS]",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals
+
+
+def _check_split(name: str) -> None:
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
+
+
+def _scene_at(name: str, video: bool, index: int) -> Scene | Video:
+    rng = np.random.default_rng([_SPLIT_SEEDS[name], int(video), index])
+    return make_video(rng) if video else make_scene(rng)
+
+
+@functools.cache
+def _n_split_scenes(name: str, video: bool) -> int | None:
+    """Number of scenes a frozen split spans (``None`` for the endless ``"train"``)."""
+    _check_split(name)
+    size = SPLITS[name]
+    if size is None:
+        return None
+    i = total = 0
+    while total < size:
+        total += len(_scene_at(name, video, i).expressions)
+        i += 1
+    return i
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+def _sample(
+    rng: np.random.Generator,
+    n_objects: int | None,
+    image_size: int,
+    sizes_px: tuple[int, int],
+    p_same_colour: float,
+    p_same_shape: float,
+    p_texture: float,
+    n_frames: int,
+    max_speed: int,
+) -> tuple[tuple[ObjectSpec, ...], str, np.ndarray | None]:
+    """Draw objects (attributes, positions, velocities), background and texture."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if n_objects is not None:
+        _check_int("n_objects", n_objects, 1, 4)
+    _check_int("image_size", image_size, 1)
+    small, large = sizes_px
+    _check_int("sizes_px[0]", small, 6)
+    _check_int("sizes_px[1]", large, small + 1)
+    if 2 * large + _GAP > image_size:
+        raise ValueError(
+            f"image_size={image_size} is too small for objects of {large} px: four large objects need "
+            f"image_size >= {2 * large + _GAP}"
+        )
+    for label, p in (
+        ("p_same_colour", p_same_colour),
+        ("p_same_shape", p_same_shape),
+        ("p_texture", p_texture),
+    ):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{label} must lie in [0, 1], got {p!r}")
+
+    n = int(rng.integers(1, 5)) if n_objects is None else int(n_objects)
+    colours: list[str] = []
+    shapes: list[str] = []
+    pairs: set[tuple[str, str]] = set()
+    for _ in range(n):
+        used = list(dict.fromkeys(colours))
+        pool = used if used and rng.random() < p_same_colour else [c for c in COLOURS if c not in used]
+        colour = pool[rng.integers(len(pool))]
+        free = [s for s in SHAPES if (colour, s) not in pairs]  # no two objects share colour and shape
+        seen = [s for s in free if s in shapes]
+        fresh = [s for s in free if s not in shapes] or free
+        pool = seen if seen and rng.random() < p_same_shape else fresh
+        colours.append(colour)
+        shapes.append(pool[rng.integers(len(pool))])
+        pairs.add((colour, shapes[-1]))
+    sizes = [SIZES[i] for i in rng.integers(2, size=n)]
+    extents = [small if s == "small" else large for s in sizes]
+    placed = _place(rng, extents, image_size, n_frames, max_speed)
+    objects = tuple(
+        ObjectSpec(shape, colour, size, x, y, e, v)
+        for shape, colour, size, e, (x, y, v) in zip(shapes, colours, sizes, extents, placed, strict=True)
+    )
+    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    texture = None
+    if rng.random() < p_texture:
+        texture = rng.integers(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE + 1, size=(image_size, image_size))
+    return objects, background, texture
+
+
+def _place(
+    rng: np.random.Generator, extents: list[int], image_size: int, n_frames: int, max_speed: int
+) -> list[tuple[int, int, tuple[int, int]]]:
+    """Rejection-sample top-left corners and velocities so that, in every frame, each bounding square
+    lies inside the canvas and at least ``_GAP`` pixels from every other."""
+    t = np.arange(n_frames)
+    for _ in range(100):
+        placed: list[tuple[int, int, tuple[int, int]]] = []
+        for e in extents:
+            for _ in range(200):
+                v = (0, 0)
+                while max_speed and v == (0, 0):
+                    v = tuple(int(d) for d in rng.integers(-max_speed, max_speed + 1, size=2))
+                travel = [(n_frames - 1) * d for d in v]
+                lo = [max(0, -d) for d in travel]
+                hi = [image_size - e - max(0, d) for d in travel]
+                if hi[0] < lo[0] or hi[1] < lo[1]:
+                    continue
+                x, y = (int(rng.integers(a, b + 1)) for a, b in zip(lo, hi, strict=True))
+                if all(
+                    _apart((x, y, v, e), (px, py, pv, extents[j]), t) for j, (px, py, pv) in enumerate(placed)
+                ):
+                    placed.append((x, y, v))
+                    break
+            else:
+                break
+        else:
+            return placed
+    raise RuntimeError("could not place the objects without overlap; use fewer or smaller objects")
+
+
+def _apart(a: tuple, b: tuple, t: np.ndarray) -> bool:
+    """Whether two moving squares ``(x, y, velocity, extent)`` keep ``_GAP`` pixels apart at all ``t``."""
+    (ax, ay, av, ae), (bx, by, bv, be) = a, b
+    ax, ay, bx, by = ax + t * av[0], ay + t * av[1], bx + t * bv[0], by + t * bv[1]
+    sep_x = (ax + ae + _GAP <= bx) | (bx + be + _GAP <= ax)
+    sep_y = (ay + ae + _GAP <= by) | (by + be + _GAP <= ay)
+    return bool(np.all(sep_x | sep_y))
+
+
+@functools.cache
+def _stencil(shape: str, extent: int) -> np.ndarray:
+    """``(extent, extent)`` bool: which pixels of the bounding square the shape covers (pixel centres)."""
+    c = (np.arange(extent) + 0.5) / extent * 2 - 1
+    v, u = np.meshgrid(c, c, indexing="ij")  # v: down, u: right, both in (-1, 1)
+    r = np.hypot(u, v)
+    masks = {
+        "circle": r <= 1,
+        "square": (np.abs(u) <= 0.9) & (np.abs(v) <= 0.9),
+        "triangle": np.abs(u) <= (v + 1) / 2,
+        "cross": ((np.abs(u) <= 0.3) | (np.abs(v) <= 0.3)),
+        "ring": (r <= 1) & (r >= 0.55),
+        "diamond": np.abs(u) + np.abs(v) <= 1,
+    }
+    out = masks[shape]
+    out.setflags(write=False)
+    return out
+
+
+def _render(
+    objects: tuple[ObjectSpec, ...], background: str, texture: np.ndarray | None, image_size: int, frame: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one frame: ``(height, width, 3)`` uint8 image and ``(object, height, width)`` bool masks."""
+    base = np.full((image_size, image_size, 3), BACKGROUNDS[background], dtype=np.int16)
+    if texture is not None:
+        base += texture[..., None].astype(np.int16)
+    image = np.clip(base, 0, 255).astype(np.uint8)
+    masks = np.zeros((len(objects), image_size, image_size), dtype=bool)
+    for i, obj in enumerate(objects):
+        x0, y0, x1, y1 = obj.box(frame)
+        masks[i, y0:y1, x0:x1] = _stencil(obj.shape, obj.extent)
+        image[masks[i]] = COLOURS[obj.colour]
+    return image, masks
+
+
+def _with_article(words: list[str]) -> str:
+    return " ".join(["an" if words[0][0] in "aeiou" else "a", *words])
+
+
+def _caption(rng: np.random.Generator, objects: tuple[ObjectSpec, ...], background: str) -> str:
+    """E.g. ``"a red circle, a small blue square and a ring on a grey background"``; each size word is
+    said with probability 1/2."""
+    says_size = rng.random(len(objects)) < 0.5
+    mentions = [
+        _with_article([o.size, o.colour, o.shape] if s else [o.colour, o.shape])
+        for o, s in zip(objects, says_size, strict=True)
+    ]
+    listed = mentions[0] if len(mentions) == 1 else ", ".join(mentions[:-1]) + " and " + mentions[-1]
+    return f"{listed} on a {background} background"
+
+
+def _expressions(objects: tuple[ObjectSpec, ...], masks: np.ndarray) -> tuple[Expression, ...]:
+    """Every expression that picks out exactly one object, given ``(frame, object, height, width)`` masks."""
+    ys, xs = np.indices(masks.shape[-2:])
+    area = masks.sum(axis=(-2, -1))
+    cx = (masks * xs).sum(axis=(-2, -1)) / area  # (frame, object)
+    cy = (masks * ys).sum(axis=(-2, -1)) / area
+    margin = masks.shape[-1] / 8  # a position must win by at least two 4-pixel patches at 64 px
+    found: list[Expression] = []
+    for i, obj in enumerate(objects):
+        same_shape = [j for j, o in enumerate(objects) if o.shape == obj.shape and j != i]
+        same_colour = any(o.colour == obj.colour for j, o in enumerate(objects) if j != i)
+        texts = [(f"the {obj.colour} {obj.shape}", "colour_shape")]
+        if not same_shape:
+            texts.append((f"the {obj.shape}", "shape"))
+        else:
+            if all(objects[j].size != obj.size for j in same_shape):
+                texts.append((f"the {obj.size} {obj.shape}", "size"))
+            leads = {  # (frame, other): how far the target is ahead of each other same-shape object
+                "left": cx[:, same_shape] - cx[:, [i]],
+                "right": cx[:, [i]] - cx[:, same_shape],
+                "top": cy[:, same_shape] - cy[:, [i]],
+                "bottom": cy[:, [i]] - cy[:, same_shape],
+            }
+            texts += [
+                (f"the {obj.shape} {POSITIONS[w]}", "position") for w, d in leads.items() if d.min() >= margin
+            ]
+        found += [Expression(text, i, kind, obj.shape, same_colour) for text, kind in texts]
+    return tuple(found)
