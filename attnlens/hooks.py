@@ -23,7 +23,7 @@ import importlib
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class Listener(Protocol):
 class _Patch:
     """A module-level function replaced by a pass-through wrapper while any capture uses it."""
 
-    _installed: dict[str, _Patch] = {}
+    _installed: ClassVar[dict[str, _Patch]] = {}
 
     def __init__(self, target: str) -> None:
         module_name, _, attr = target.partition(":")
@@ -108,7 +108,7 @@ class HookRegistry:
     :class:`~attnlens.errors.HookError`.
     """
 
-    _hooked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    _hooked: ClassVar[weakref.WeakSet[nn.Module]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -143,7 +143,7 @@ class HookRegistry:
         if self.transformer in self._hooked:
             raise HookError(
                 f"a capture is already attached to this {type(self.transformer).__name__}; captures of one "
-                f"model cannot nest: leave the first `with attnlens.capture(...)` block before starting another"
+                "model cannot nest: leave the first `with attnlens.capture(...)` block before another"
             )
         try:
             self._attach()

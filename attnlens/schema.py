@@ -3,15 +3,15 @@
 One schema serves the in-memory result of a capture and every store, so that what a
 capture returns and what a store reads back are the same ``xarray.Dataset``.
 
-==================  ============================================================  ==============================
-variable            dims                                                          meaning
-==================  ============================================================  ==============================
-``cross``           sample, step, layer, head, query, key_text                    image → text probabilities
-``text_to_image``   sample, step, layer, head, query_text, key_image              text → image probabilities
-``key_mass``        sample, step, layer, head, key                                mean attention each key gets
-``full``            sample, step, layer, head, query_all, key                     dense probabilities (opt-in)
-``hidden_norm``     sample, step, layer, key                                      L2 norm of each token's state
-==================  ============================================================  ==============================
+=================  ================================================  ==============================
+variable           dims                                              meaning
+=================  ================================================  ==============================
+``cross``          sample, step, layer, head, query, key_text        image → text probabilities
+``text_to_image``  sample, step, layer, head, query_text, key_image  text → image probabilities
+``key_mass``       sample, step, layer, head, key                    mean attention each key gets
+``full``           sample, step, layer, head, query_all, key         dense probabilities (opt-in)
+``hidden_norm``    sample, step, layer, key                          L2 norm of each token's state
+=================  ================================================  ==============================
 
 ``query``/``key_image`` index the image (video) tokens, ``key_text``/``query_text`` the text
 tokens and ``key``/``query_all`` the whole joint sequence, each in sequence order; distinct

@@ -99,7 +99,7 @@ class Capture:
 
     @property
     def result(self) -> xr.Dataset:
-        """Everything captured so far as an in-memory ``xarray.Dataset`` (schema of :mod:`attnlens.schema`)."""
+        """Everything captured so far, as an in-memory ``xarray.Dataset`` (see :mod:`attnlens.schema`)."""
         if self._result is None:
             self._result = self._assemble()
         return self._result
@@ -227,13 +227,13 @@ class Capture:
     def _assemble(self) -> xr.Dataset:
         runs = [r for r in self._runs if r.steps]
         if not runs:
-            raise HookError("nothing was captured: run the model inside the `with attnlens.capture(...)` block")
+            raise HookError("nothing was captured: run the model inside a `with attnlens.capture(...)` block")
         first = runs[0].layout
         for run in runs[1:]:
             if not run.layout.same_tokens(first):
                 raise LayoutError(
-                    f"samples differ in token layout ({first.seq_len} vs {run.layout.seq_len} tokens, or another "
-                    "image grid) and cannot share one Dataset: capture them separately"
+                    f"samples differ in token layout ({first.seq_len} vs {run.layout.seq_len} tokens, or "
+                    "another image grid) and cannot share one Dataset: capture them separately"
                 )
         groups = [
             SampleGroup(
@@ -316,11 +316,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _describe(spec: CaptureSpec) -> dict[str, Any]:
-    timesteps = spec.timesteps
+    def plain(value: Any) -> Any:  # JSON-able, so that a store can keep the spec as an attribute
+        if value is None or isinstance(value, str | int):
+            return value
+        return repr(value) if callable(value) else list(value)
+
     return {
-        "layers": spec.layers if spec.layers is None or isinstance(spec.layers, str | int) else list(spec.layers),
-        "heads": spec.heads if isinstance(spec.heads, str | int) else list(spec.heads),
-        "timesteps": repr(timesteps) if callable(timesteps) or isinstance(timesteps, int | None) else list(timesteps),
+        "layers": plain(spec.layers),
+        "heads": plain(spec.heads),
+        "timesteps": plain(spec.timesteps),
         "keep": list(spec.keep),
         "dtype": str(spec.dtype).removeprefix("torch."),
     }

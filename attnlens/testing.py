@@ -24,11 +24,11 @@ __all__ = [
     "tiny_t5_tokenizer",
 ]
 
-_WORDS = (
+_WORDS = tuple(
     "a an the of on in at to and with is are by from under over near next behind left right top bottom "
     "middle cat dog mug cup red blue green yellow black white small large big photo picture table "
-    "sitting standing person car tree house sky grass wooden old new two three one"
-).split()
+    "sitting standing person car tree house sky grass wooden old new two three one".split()
+)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,-'!?"
 
 

@@ -47,7 +47,7 @@ class FluxAdapter(ModelAdapter):
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
             yx = ids[:, 1:3].round().long().cpu().numpy()
         else:  # row-major square grid as the pipeline packs it
-            side = int(round(n_image**0.5))
+            side = round(n_image**0.5)
             yx = np.stack(np.divmod(np.arange(n_image), max(side, 1)), axis=1)
         grid = np.concatenate([np.zeros((n_image, 1), dtype=np.int64), yx.astype(np.int64)], axis=1)
         t = torch.as_tensor(timestep).flatten()[0].item()
