@@ -19,7 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/attnlens demo --out demo-out
+	$(VENV)/bin/attnlens demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
