@@ -222,18 +222,20 @@ def attention_slices(
     if heads is not None:
         index = torch.as_tensor(list(heads), device=q.device)
         q, k = q.index_select(1, index), k.index_select(1, index)
-    k = k.float()
-    text = text.to(q.device)
-    image = image.to(q.device)
+    # one contiguous float32 copy of q and kᵀ: O(seq) memory, and every chunk's matmul reads them directly
+    q = q.float().contiguous()
+    k_t = k.float().transpose(-1, -2).contiguous()
+    text, image = text.to(q.device), image.to(q.device)
+    text_cols, image_cols = _index(text), _index(image)
     batch, num_heads = q.shape[:2]
 
     all_rows = "key_mass" in keep or "full" in keep
     if all_rows:
-        rows = torch.arange(n, device=q.device)
+        row_sets = [("all", torch.arange(n, device=q.device))]
     else:
-        parts = [image] if "cross" in keep else []
-        parts += [text] if "text_to_image" in keep else []
-        rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=q.device)
+        row_sets = [
+            (name, rows) for name, rows in (("cross", image), ("text_to_image", text)) if name in keep
+        ]
     is_image = torch.zeros(n, dtype=torch.bool, device=q.device)
     is_image[image] = True
     is_text = torch.zeros(n, dtype=torch.bool, device=q.device)
@@ -243,35 +245,41 @@ def attention_slices(
     chunk = max(1, chunk_bytes // (3 * 4 * batch * num_heads * n))
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in keep if name != "key_mass"}
     mass = torch.zeros(batch, num_heads, n, device=q.device) if "key_mass" in keep else None
-    for start in range(0, len(rows), chunk):
-        idx = rows[start : start + chunk]
-        logits = torch.matmul(q[:, :, idx].float(), k.transpose(-1, -2)).mul_(scale)
-        if attn_mask is not None:
-            logits = _apply_mask(logits, attn_mask, idx)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        img_rows, txt_rows = is_image[idx], is_text[idx]
-        if all_rows:
+    for what, rows in row_sets:
+        for start in range(0, len(rows), chunk):
+            idx = rows[start : start + chunk]
+            logits = torch.matmul(q[:, :, _index(idx)], k_t).mul_(scale)
+            if attn_mask is not None:
+                logits = _apply_mask(logits, attn_mask, idx)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            if what == "cross":
+                pieces["cross"].append(_reduce(logits[..., text_cols].sub_(lse).exp_(), reduction))
+                continue
+            if what == "text_to_image":
+                pieces["text_to_image"].append(_reduce(logits[..., image_cols].sub_(lse).exp_(), reduction))
+                continue
             probs = logits.sub_(lse).exp_()
             if mass is not None:
                 mass += probs.sum(dim=2)
             if "full" in pieces:
                 pieces["full"].append(_reduce(probs, reduction))
-            if "cross" in pieces:
-                pieces["cross"].append(_reduce(probs[:, :, img_rows][..., text], reduction))
-            if "text_to_image" in pieces:
-                pieces["text_to_image"].append(_reduce(probs[:, :, txt_rows][..., image], reduction))
-            continue
-        if "cross" in pieces and img_rows.any():
-            sub = logits[:, :, img_rows][..., text] - lse[:, :, img_rows]
-            pieces["cross"].append(_reduce(sub.exp_(), reduction))
-        if "text_to_image" in pieces and txt_rows.any():
-            sub = logits[:, :, txt_rows][..., image] - lse[:, :, txt_rows]
-            pieces["text_to_image"].append(_reduce(sub.exp_(), reduction))
+            img_rows, txt_rows = is_image[idx], is_text[idx]
+            if "cross" in pieces and img_rows.any():
+                pieces["cross"].append(_reduce(probs[:, :, img_rows][..., text_cols], reduction))
+            if "text_to_image" in pieces and txt_rows.any():
+                pieces["text_to_image"].append(_reduce(probs[:, :, txt_rows][..., image_cols], reduction))
 
     out = {name: torch.cat(parts, dim=2) for name, parts in pieces.items() if parts}
     if mass is not None:
         out["key_mass"] = _reduce(mass / n, reduction)
     return out
+
+
+def _index(positions: torch.Tensor) -> slice | torch.Tensor:
+    """A slice for contiguous ascending positions (a view, no copy), else the positions themselves."""
+    if len(positions) and int(positions[-1]) - int(positions[0]) + 1 == len(positions):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
 
 
 def _reduce(x: torch.Tensor, reduction: str | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class TokenLabels:
         )
 
 
-def label_tokens(tokenizer, input_ids: Sequence[int]) -> TokenLabels:
+def label_tokens(tokenizer: Any, input_ids: Sequence[int]) -> TokenLabels:
     """Label one row of token ids from any Hugging Face tokenizer.
 
     Sub-word tokens are grouped into words by the tokenizer's own markers (SentencePiece
