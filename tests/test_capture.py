@@ -226,3 +226,23 @@ def test_labels_for_bare_calls(flux):
     cap = attnlens.capture(flux, keep="cross", labels=[labels])
     with pytest.raises(attnlens.AttnlensError, match="16 text tokens"), cap:
         flux(**flux_inputs(flux, text_len=16))
+
+
+def test_hidden_norm_is_the_norm_of_each_block_output(flux):
+    outputs = []
+    handles = [
+        b.register_forward_hook(lambda m, a, out: outputs.append(torch.cat(out, 1).detach()))
+        for b in [*flux.transformer_blocks, *flux.single_transformer_blocks]
+    ]
+    with attnlens.capture(flux, keep="hidden_norm") as cap:
+        flux(**flux_inputs(flux, height=2, width=3))
+    for h in handles:
+        h.remove()
+    expected = torch.stack([o.norm(dim=-1) for o in outputs], dim=1)  # (batch, layer, key)
+    np.testing.assert_allclose(cap.result.hidden_norm.isel(step=0), expected, rtol=1e-6)
+
+
+def test_kept_dtype_is_the_requested_one(flux):
+    with attnlens.capture(flux, keep=("cross", "key_mass"), dtype=torch.float16) as cap:
+        flux(**flux_inputs(flux))
+    assert cap.result.cross.dtype == np.float16 and cap.result.key_mass.dtype == np.float16
