@@ -65,7 +65,10 @@ class FluxAdapter(ModelAdapter):
         return torch.cat([encoder_hidden, hidden], dim=1)
 
     def text_encoder(self, pipeline: Any) -> tuple[nn.Module, Any] | None:
-        # T5's tokens are the ones concatenated into joint attention; CLIP only gives the pooled vector
-        encoder = getattr(pipeline, "text_encoder_2", None)
-        tokenizer = getattr(pipeline, "tokenizer_2", None)
-        return (encoder, tokenizer) if encoder is not None and tokenizer is not None else None
+        # T5's tokens are the ones concatenated into joint attention (CLIP only gives the pooled
+        # vector); pipelines with one encoder, such as attnlens' embedded models, call it text_encoder
+        for encoder_name, tokenizer_name in (("text_encoder_2", "tokenizer_2"), ("text_encoder", "tokenizer")):
+            encoder, tokenizer = getattr(pipeline, encoder_name, None), getattr(pipeline, tokenizer_name, None)
+            if encoder is not None and tokenizer is not None:
+                return encoder, tokenizer
+        return None
