@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "flux_inputs",
+    "tiny_byte_level_tokenizer",
     "tiny_clip_tokenizer",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
@@ -148,6 +149,37 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
         unk_token=specials[1],
         model_max_length=model_max_length,
     )
+
+
+def tiny_byte_level_tokenizer(specials: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")):
+    """A GPT-2 / Qwen-style byte-level BPE (``Ġ`` marks a leading space) with merges for :data:`_WORDS`.
+
+    ``<|endoftext|>`` (id 0) is the end and padding token; ``specials`` are added as special
+    tokens, as in chat templates.
+
+    >>> tok = tiny_byte_level_tokenizer()
+    >>> tok.convert_ids_to_tokens(tok("the red mug").input_ids)
+    ['the', 'Ġred', 'Ġmug']
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<|endoftext|>", *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    merges = []
+    for word in _WORDS:
+        pieces = list(word)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+        merges.append(("Ġ", word))  # the word after a space: one token, as in GPT-2's vocabulary
+        vocab.setdefault("Ġ" + word, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges))))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out.add_special_tokens({"additional_special_tokens": list(specials)})
+    return out
 
 
 def tiny_flux_pipeline(seed: int = 0, max_sequence_length: int = 16, **transformer_config: Any):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AttentionLayer", "CallLayout", "ModelAdapter"]
+__all__ = ["AttentionLayer", "CallLayout", "ModelAdapter", "forward_arguments", "stream_layers"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class CallLayout:
         text: positions of text tokens in the joint sequence, ``(key_text,)``.
         image: positions of image/video tokens, ``(query,)``.
         grid: ``(query, 3)`` integer array: ``frame, y, x`` of each image/video token.
+        text_mask: ``(batch, key_text)`` bool, False where the model masks a text token out
+            (padding); ``None`` when the model attends to every text token.
     """
 
     batch: int
@@ -50,6 +54,7 @@ class CallLayout:
     text: torch.Tensor
     image: torch.Tensor
     grid: np.ndarray
+    text_mask: torch.Tensor | None = None
 
     def same_tokens(self, other: CallLayout) -> bool:
         """Whether two calls share token counts and image grid."""
@@ -74,7 +79,16 @@ class ModelAdapter:
     #: ``"module:function"`` names of the attention functions to intercept
     attention_functions: ClassVar[tuple[str, ...]]
     #: arguments of the intercepted function: positions of query, key, attn_mask, scale
-    attention_arguments: ClassVar[dict[str, int]] = {"query": 0, "key": 1, "attn_mask": 3, "scale": 6}
+    attention_arguments: ClassVar[dict[str, int]] = {
+        "query": 0,
+        "key": 1,
+        "value": 2,  # value, dropout_p, is_causal, enable_gqa: read by interventions only
+        "attn_mask": 3,
+        "dropout_p": 4,
+        "is_causal": 5,
+        "scale": 6,
+        "enable_gqa": 7,
+    }
 
     def accepts(self, transformer: nn.Module) -> bool:
         return any(cls.__name__ in self.transformer_classes for cls in type(transformer).__mro__)
@@ -88,9 +102,163 @@ class ModelAdapter:
         raise NotImplementedError
 
     def block_hidden(self, output: Any) -> torch.Tensor:
-        """The joint ``(batch, seq, dim)`` hidden state of a block's output."""
+        """The joint ``(batch, seq, dim)`` hidden state of a block's output.
+
+        Blocks that update the image/video tokens only (separate cross-attention: Wan, LTX)
+        return ``(batch, n_image, dim)``; the text positions then get NaN norms.
+        """
         raise NotImplementedError
+
+    #: pipeline attributes ``(encoder, tokenizer)`` tried in order by :meth:`text_encoder`
+    text_encoder_names: ClassVar[tuple[tuple[str, str], ...]] = (("text_encoder", "tokenizer"),)
 
     def text_encoder(self, pipeline: Any) -> tuple[nn.Module, Any] | None:
         """The text encoder whose tokens enter joint attention, and its tokenizer."""
+        for encoder_name, tokenizer_name in self.text_encoder_names:
+            encoder = getattr(pipeline, encoder_name, None)
+            tokenizer = getattr(pipeline, tokenizer_name, None)
+            if encoder is not None and tokenizer is not None:
+                return encoder, tokenizer
         return None
+
+    # -- optional refinements; the defaults describe FLUX-like models ----------------------
+
+    #: whether ``F.scaled_dot_product_attention`` calls inside an attention module are
+    #: intercepted (a ``TorchFunctionMode`` entered for the module's forward); for processors
+    #: that call SDPA directly with ``(batch, heads, seq, head_dim)`` tensors
+    intercept_sdpa: ClassVar[bool] = False
+    #: names of consecutive forwards at one timestep when a pipeline runs classifier-free
+    #: guidance as separate calls without ``cache_context`` (Chroma: ``("cond", "uncond")``)
+    sequential_branches: ClassVar[tuple[str, ...]] = ()
+    #: kept variables this adapter cannot provide (refused when the capture is created)
+    unsupported_keeps: ClassVar[tuple[str, ...]] = ()
+
+    def interceptions(self, transformer: nn.Module) -> tuple[str, ...]:
+        """``"module:function"`` names to patch for ``transformer`` (default :attr:`attention_functions`)."""
+        return self.attention_functions
+
+    def call_tokens(
+        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Joint-sequence positions of one call's queries ``(n_query,)`` and keys ``(n_key,)``.
+
+        ``None`` (the default) means the call attends over the joint sequence itself. Layers
+        that see part of it (SD3.5's image-only ``attn2``, separate cross-attention) return
+        the positions, and what lies outside the call is stored as NaN.
+        """
+        return None
+
+    def branches(
+        self, pipeline: Any | None, layout: CallLayout, kwargs: dict[str, Any]
+    ) -> tuple[str, ...] | None:
+        """CFG branch of each batch row when one forward carries several (batched ``[uncond, cond]``).
+
+        ``None`` (the default): every row belongs to the branch the hooks report.
+        """
+        return None
+
+    def text_encoders(self, pipeline: Any) -> list[tuple[str, nn.Module, Any]]:
+        """``(source, encoder, tokenizer)`` of every text encoder whose tokens enter attention."""
+        found = self.text_encoder(pipeline)
+        return [("text", *found)] if found is not None else []
+
+    def text_labels(
+        self, pipeline: Any, ids: dict[str, list[torch.Tensor]], prompts: list[str], layout: CallLayout
+    ) -> list[Any] | None:
+        """Token labels of the text positions of each sample, or ``None`` when they cannot be told.
+
+        Args:
+            pipeline: the pipeline being captured.
+            ids: token ids each text encoder saw, by source, in call order; the first call of a
+                source is the prompt (a negative prompt is encoded after it).
+            prompts: the prompt strings the pipeline encoded (may be empty).
+            layout: the forward's layout; labels are wanted for ``layout.batch`` rows (per branch).
+
+        Returns:
+            one :class:`~attnlens.text.TokenLabels` per sample, each of ``len(layout.text)``.
+        """
+        from ..text import label_tokens
+
+        encoders = self.text_encoders(pipeline)
+        if not encoders or not ids.get(encoders[0][0]):
+            return None
+        source, _, tokenizer = encoders[0]
+        rows = _rows_for(ids[source][0], layout.batch)
+        if rows is None or rows.shape[-1] != len(layout.text):
+            return None
+        texts = _prompts_for(prompts, layout.batch)
+        return [label_tokens(tokenizer, row.tolist(), prompt=p) for row, p in zip(rows, texts, strict=True)]
+
+    def dataset_attrs(self, transformer: nn.Module) -> dict[str, Any]:
+        """Extra attributes this adapter adds to a captured Dataset (e.g. a positional-layout flag)."""
+        return {}
+
+    #: whether a sampler pass may feed rising timesteps (Mochi's inverted-sigma schedule goes
+    #: 0 → 1000); a run then follows the direction its first two steps take, and only a move
+    #: against it starts a new sample. Default: a rising timestep restarts the sampler.
+    timesteps_may_rise: ClassVar[bool] = False
+
+    def call_rows(self, layer: AttentionLayer, layout: CallLayout, call: int) -> slice | None:
+        """Batch rows that attention call number ``call`` inside ``layer``'s module holds.
+
+        The hooks number the attention-function calls of each module forward from 0 (calls
+        nested inside one, like SDPA inside ``dispatch_attention_fn``, are part of it). The
+        default keeps the first call, over every row, and ignores the rest (IP-adapter calls
+        come second). ``None`` ignores a call; a partial slice (Mochi calls SDPA once per row)
+        makes ``layout`` passed to :meth:`call_tokens` that of those rows.
+        """
+        return slice(None) if call == 0 else None
+
+    def transformers(self, transformer: nn.Module, pipeline: Any | None) -> list[tuple[str, nn.Module]]:
+        """Every transformer a capture of ``pipeline`` hooks, named; the first is ``transformer``.
+
+        Pipelines that switch transformers between steps (Wan 2.2: ``transformer`` then
+        ``transformer_2``) list each; they share layer names, and the ``transformer``
+        coordinate of each step tells which one ran.
+        """
+        return [("transformer", transformer)]
+
+
+def _rows_for(ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``(batch, seq)`` token ids for ``batch`` samples from ``(prompts, seq)`` ids (repeated per image)."""
+    ids = ids if ids.ndim == 2 else ids.unsqueeze(0)
+    if batch % ids.shape[0]:
+        return None
+    return ids.repeat_interleave(batch // ids.shape[0], dim=0)
+
+
+def _prompts_for(prompts: list[str], batch: int) -> list[str | None]:
+    """The prompt string of each of ``batch`` samples, ``None`` where unknown."""
+    if not prompts or batch % len(prompts):
+        return [None] * batch
+    return [prompts[i // (batch // len(prompts))] for i in range(batch)]
+
+
+def forward_arguments(transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A forward's arguments by name, positional ones bound by the transformer's signature.
+
+    Names the call did not pass are absent (``.get`` gives ``None``).
+    """
+    return _signature(type(transformer)).bind_partial(*args, **kwargs).arguments
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward).replace(
+        parameters=list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    )
+
+
+def stream_layers(transformer: nn.Module) -> list[AttentionLayer]:
+    """``double.N`` then ``single.N`` layers of a double-/single-stream transformer (FLUX-like).
+
+    The blocks are ``transformer_blocks`` and ``single_transformer_blocks``, each with ``.attn``.
+    """
+    return [
+        AttentionLayer(f"{kind}.{i}", kind, block.attn, block, block.attn.heads)
+        for kind, blocks in (
+            ("double", transformer.transformer_blocks),
+            ("single", transformer.single_transformer_blocks),
+        )
+        for i, block in enumerate(blocks)
+    ]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import AttentionLayer, CallLayout, ModelAdapter
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, stream_layers
 
 __all__ = ["FluxAdapter"]
 
@@ -24,22 +24,19 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
     attention_functions = ("diffusers.models.transformers.transformer_flux:dispatch_attention_fn",)
+    # T5's tokens are the ones concatenated into joint attention (CLIP only gives the pooled vector);
+    # pipelines with one encoder, such as attnlens' embedded models, call it text_encoder
+    text_encoder_names = (("text_encoder_2", "tokenizer_2"), ("text_encoder", "tokenizer"))
 
     def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
-        found = []
-        for kind, blocks in (
-            ("double", transformer.transformer_blocks),
-            ("single", transformer.single_transformer_blocks),
-        ):
-            for i, block in enumerate(blocks):
-                found.append(AttentionLayer(f"{kind}.{i}", kind, block.attn, block, block.attn.heads))
-        return found
+        return stream_layers(transformer)
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        timestep = kwargs.get("timestep", args[3] if len(args) > 3 else None)
-        img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+        given = forward_arguments(transformer, args, kwargs)
+        hidden = given.get("hidden_states")
+        text = given.get("encoder_hidden_states")
+        timestep = given.get("timestep")
+        img_ids = given.get("img_ids")
         if hidden is None or text is None or timestep is None:
             raise TypeError("FluxTransformer2DModel needs hidden_states, encoder_hidden_states and timestep")
         n_text, n_image = text.shape[1], hidden.shape[1]
@@ -63,12 +60,3 @@ class FluxAdapter(ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         encoder_hidden, hidden = output
         return torch.cat([encoder_hidden, hidden], dim=1)
-
-    def text_encoder(self, pipeline: Any) -> tuple[nn.Module, Any] | None:
-        # T5's tokens are the ones concatenated into joint attention (CLIP only gives the pooled
-        # vector); pipelines with one encoder, such as attnlens' embedded models, call it text_encoder
-        for encoder_name, tokenizer_name in (("text_encoder_2", "tokenizer_2"), ("text_encoder", "tokenizer")):
-            encoder, tokenizer = getattr(pipeline, encoder_name, None), getattr(pipeline, tokenizer_name, None)
-            if encoder is not None and tokenizer is not None:
-                return encoder, tokenizer
-        return None

@@ -1,0 +1,93 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): joint attention over ``[video | text]``.
+
+Dual-stream blocks (``double.N``) project video and text separately and attend jointly;
+single-stream blocks (``single.N``) see the concatenated sequence. Both call
+``dispatch_attention_fn`` with post-norm ``(batch, seq, heads, head_dim)`` tensors, RoPE on
+the video part only, and a key mask ``(batch, 1, 1, seq)`` that hides each sample's padded
+text (masked keys get probability 0; padded text queries keep their rows). The token-replace
+image-to-video variant has the same layout.
+
+Video tokens are ``patch_size_t × patch_size × patch_size`` patches of the latent,
+frame-major. Text comes from the Llama encoder; the pipeline crops the prompt template's
+first ``crop_start`` tokens, so the text positions are the last ``max_sequence_length``
+token ids the encoder saw. Timesteps are the scheduler's (flow matching, 1000 → 0); CFG runs
+as two forwards under ``cache_context("cond")`` / ``("uncond")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._video import timestep_value, video_grid
+from .base import (
+    AttentionLayer,
+    CallLayout,
+    ModelAdapter,
+    _prompts_for,
+    _rows_for,
+    forward_arguments,
+    stream_layers,
+)
+
+__all__ = ["HunyuanVideoAdapter"]
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    family = "hunyuanvideo"
+    # the default text_encoder/tokenizer: the Llama tokens enter attention; CLIP (text_encoder_2) gives
+    # the pooled vector only
+    transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    attention_functions = ("diffusers.models.transformers.transformer_hunyuan_video:dispatch_attention_fn",)
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        return stream_layers(transformer)
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        given = forward_arguments(transformer, args, kwargs)
+        hidden = given.get("hidden_states")
+        timestep = given.get("timestep")
+        text = given.get("encoder_hidden_states")
+        mask = given.get("encoder_attention_mask")
+        if hidden is None or text is None or timestep is None:
+            raise TypeError(
+                "HunyuanVideoTransformer3DModel needs hidden_states, timestep and encoder_hidden_states"
+            )
+        cfg = transformer.config
+        batch, _, frames, height, width = hidden.shape
+        grid = video_grid(frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
+        n_video, n_text = len(grid), text.shape[1]
+        return CallLayout(
+            batch=batch,
+            timestep=timestep_value(timestep),
+            seq_len=n_video + n_text,
+            text=torch.arange(n_video, n_video + n_text),
+            image=torch.arange(n_video),
+            grid=grid,
+            text_mask=mask.detach().bool().cpu() if mask is not None else None,
+        )
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        hidden, encoder_hidden = output
+        return torch.cat([hidden, encoder_hidden], dim=1)
+
+    def text_labels(
+        self, pipeline: Any, ids: dict[str, list[torch.Tensor]], prompts: list[str], layout: CallLayout
+    ) -> list[Any] | None:
+        from ..text import label_tokens
+
+        encoders = self.text_encoders(pipeline)
+        if not encoders or not ids.get(encoders[0][0]):
+            return None
+        source, _, tokenizer = encoders[0]
+        rows = _rows_for(ids[source][0], layout.batch)
+        n_text = len(layout.text)
+        if rows is None or rows.shape[-1] < n_text:
+            return None
+        rows = rows[:, rows.shape[-1] - n_text :]  # the template's first crop_start tokens are dropped
+        texts = _prompts_for(prompts, layout.batch)
+        return [
+            label_tokens(tokenizer, row.tolist(), prompt=text) for row, text in zip(rows, texts, strict=True)
+        ]

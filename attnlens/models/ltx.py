@@ -1,0 +1,89 @@
+"""LTX-Video (``LTXVideoTransformer3DModel``): separate self- and cross-attention.
+
+Each block runs self-attention among video tokens (``self.N``) and then cross-attention from
+video to text (``cross.N``: keys are the text only, so ``cross`` is its whole probability
+matrix). Both go through ``dispatch_attention_fn`` with post-norm, post-RoPE ``(batch, seq,
+heads, head_dim)`` tensors; cross-attention gets the padding mask as an additive bias
+(-10000 on padded text keys, so their probability is 0 up to float32 rounding). The joint
+layout is ``[text | video]``: a self layer has NaN ``cross`` and text ``key_mass``, a cross
+layer NaN ``text_to_image`` and video ``key_mass``; block outputs hold video only, so text
+``hidden_norm`` is NaN.
+
+``hidden_states`` arrive packed, ``(batch, tokens, channels)``, frame-major; the pipeline
+passes the token grid as ``num_frames``, ``height`` and ``width`` (or, in the conditioning
+pipelines, ``video_coords``, whose distinct values per axis give the grid). Timesteps are the
+scheduler's (flow matching, 1000 → 0); image-to-video passes one per token, 0 on the
+conditioning frame, and the step's value is their largest. The pipeline batches CFG as
+``[uncond | cond]`` rows under ``cache_context("cond_uncond")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._video import BatchedCFG, grid_from_coords, timestep_value, video_grid
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+
+__all__ = ["LTXVideoAdapter"]
+
+
+class LTXVideoAdapter(BatchedCFG, ModelAdapter):
+    family = "ltx"
+    transformer_classes = ("LTXVideoTransformer3DModel",)
+    attention_functions = ("diffusers.models.transformers.transformer_ltx:dispatch_attention_fn",)
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        found = []
+        for i, block in enumerate(transformer.transformer_blocks):
+            found.append(AttentionLayer(f"self.{i}", "self", block.attn1, block, block.attn1.heads))
+            found.append(AttentionLayer(f"cross.{i}", "cross", block.attn2, block, block.attn2.heads))
+        return found
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        given = forward_arguments(transformer, args, kwargs)
+        hidden, text, timestep = (
+            given.get(n) for n in ("hidden_states", "encoder_hidden_states", "timestep")
+        )
+        if hidden is None or text is None or timestep is None:
+            raise TypeError(
+                "LTXVideoTransformer3DModel needs hidden_states, encoder_hidden_states and timestep"
+            )
+        n_video = hidden.shape[1]
+        if given.get("video_coords") is not None:
+            grid = grid_from_coords(given.get("video_coords")[0])
+        elif None not in (given.get("num_frames"), given.get("height"), given.get("width")):
+            grid = video_grid(int(given.get("num_frames")), int(given.get("height")), int(given.get("width")))
+        else:
+            raise TypeError("LTXVideoTransformer3DModel needs num_frames, height and width (or video_coords)")
+        if len(grid) != n_video:
+            raise ValueError(f"a token grid of {len(grid)} tokens does not match {n_video} video tokens")
+        mask = given.get("encoder_attention_mask")
+        n_text = text.shape[1]
+        return CallLayout(
+            batch=hidden.shape[0],
+            timestep=timestep_value(timestep),
+            seq_len=n_text + n_video,
+            text=torch.arange(n_text),
+            image=torch.arange(n_text, n_text + n_video),
+            grid=grid,
+            # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
+            text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,
+        )
+
+    def call_tokens(
+        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        keys = layout.text if layer.kind == "cross" else layout.image
+        if n_query != len(layout.image) or n_key != len(keys):
+            kind = "text" if layer.kind == "cross" else "video"
+            raise ValueError(
+                f"{layer.name}: a call of {n_query} queries and {n_key} keys does not match "
+                f"{len(layout.image)} video and {len(keys)} {kind} tokens"
+            )
+        return layout.image, keys
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        return output  # (batch, video, dim): the text is not a block's output

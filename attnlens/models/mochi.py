@@ -1,0 +1,92 @@
+"""Mochi 1 (``MochiTransformer3DModel``): joint attention over ``[video | valid text]`` per sample.
+
+Each block (``block.N``) projects video and text separately and attends jointly, but
+``MochiAttnProcessor2_0`` drops each sample's padded text tokens and calls
+``F.scaled_dot_product_attention`` once per batch row on ``(1, heads, video + valid text,
+head_dim)`` tensors. attnlens reads those calls (a ``TorchFunctionMode`` scoped to the
+attention module, so no processor is replaced: ``MochiAttention`` has no ``set_processor``)
+and numbers them: call ``i`` is row ``i``. The joint layout keeps the padded length,
+``[video | text]``; a padded text token is neither query nor key of its sample, so its
+columns and rows are NaN.
+
+Video tokens are ``patch_size × patch_size`` patches of each latent frame, frame-major, so the
+grid of a ``(frames, height, width)`` latent is ``(frames, height/p, width/p)``. Mochi's own
+scheduler inverts sigmas: the pipeline feeds timesteps that rise from 0 (noise) towards 1000;
+attnlens keeps those values and follows a sampler pass in either direction. The pipeline
+batches CFG as ``[uncond | cond]`` rows under ``cache_context("cond_uncond")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ._video import BatchedCFG, timestep_value, video_grid
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+
+__all__ = ["MochiAdapter"]
+
+
+class MochiAdapter(BatchedCFG, ModelAdapter):
+    family = "mochi"
+    transformer_classes = ("MochiTransformer3DModel",)
+    attention_functions = ()
+    intercept_sdpa = True
+    timesteps_may_rise: ClassVar[bool] = True
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        return [
+            AttentionLayer(f"block.{i}", "block", block.attn1, block, block.attn1.heads)
+            for i, block in enumerate(transformer.transformer_blocks)
+        ]
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        given = forward_arguments(transformer, args, kwargs)
+        hidden = given.get("hidden_states")
+        text = given.get("encoder_hidden_states")
+        timestep = given.get("timestep")
+        mask = given.get("encoder_attention_mask")
+        if hidden is None or text is None or timestep is None or mask is None:
+            raise TypeError(
+                "MochiTransformer3DModel needs hidden_states, encoder_hidden_states, timestep and "
+                "encoder_attention_mask"
+            )
+        p = transformer.config.patch_size
+        batch, _, frames, height, width = hidden.shape
+        grid = video_grid(frames, height // p, width // p)
+        n_video, n_text = len(grid), text.shape[1]
+        return CallLayout(
+            batch=batch,
+            timestep=timestep_value(timestep),
+            seq_len=n_video + n_text,
+            text=torch.arange(n_video, n_video + n_text),
+            image=torch.arange(n_video),
+            grid=grid,
+            text_mask=mask.detach().bool().cpu(),
+        )
+
+    def call_rows(self, layer: AttentionLayer, layout: CallLayout, call: int) -> slice | None:
+        # the processor loops over the batch: one SDPA call per row, in row order
+        return slice(call, call + 1) if call < layout.batch else None
+
+    def call_tokens(
+        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layout.text_mask is None or layout.batch != 1:  # call_rows gives each call one row
+            raise ValueError(f"{layer.name}: a Mochi attention call holds one sample and its text mask")
+        valid = layout.text_mask[0]
+        if bool(valid.all()):
+            return None  # the whole joint sequence, in its own order
+        positions = torch.cat([layout.image, layout.text[valid]])
+        if len(positions) != n_query or n_query != n_key:
+            raise ValueError(
+                f"{layer.name}: a Mochi attention call of {n_query} queries and {n_key} keys does not match "
+                f"{len(layout.image)} video + {int(valid.sum())} valid text tokens"
+            )
+        return positions, positions
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        hidden, encoder_hidden = output
+        return torch.cat([hidden, encoder_hidden], dim=1)

@@ -1,0 +1,105 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``): joint attention over ``[text | image]``.
+
+Every block is double-stream (``block.N``): text and image are projected separately, RoPE'd
+and concatenated text first, then passed to ``dispatch_attention_fn`` with a key padding mask
+built from ``encoder_hidden_states_mask`` (``(batch, 1, 1, seq)``, True = attend). The text is
+the hidden state of Qwen2.5-VL over a chat template with the prompt inside; the pipeline drops
+the template's first ``prompt_template_encode_start_idx`` tokens (34) and keeps the rest, so
+the text span holds the prompt followed by the template's closing tokens (``special``) and
+padding up to the longest prompt of the batch (``pad``, masked out). Image tokens are 2×2
+latent patches in row-major order; ``img_shapes`` gives ``(frames, h, w)`` of each image,
+and edit pipelines append their reference images after the generated one (frames ``1, …``).
+Pipelines pass ``timestep / 1000`` and run guidance as two calls under
+``cache_context("cond"/"uncond")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import AttentionLayer, CallLayout, ModelAdapter, _prompts_for, _rows_for, forward_arguments
+
+__all__ = ["QwenImageAdapter"]
+
+
+class QwenImageAdapter(ModelAdapter):
+    family = "qwenimage"
+    transformer_classes = ("QwenImageTransformer2DModel",)
+    attention_functions = ("diffusers.models.transformers.transformer_qwenimage:dispatch_attention_fn",)
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        return [
+            AttentionLayer(f"block.{i}", "joint", block.attn, block, block.attn.heads)
+            for i, block in enumerate(transformer.transformer_blocks)
+        ]
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        given = forward_arguments(transformer, args, kwargs)
+        hidden = given.get("hidden_states")
+        text = given.get("encoder_hidden_states")
+        mask = given.get("encoder_hidden_states_mask")
+        timestep = given.get("timestep")
+        img_shapes = given.get("img_shapes")
+        if hidden is None or text is None or timestep is None:
+            raise TypeError(
+                "QwenImageTransformer2DModel needs hidden_states, encoder_hidden_states and timestep"
+            )
+        n_text, n_image = text.shape[1], hidden.shape[1]
+        return CallLayout(
+            batch=hidden.shape[0],
+            timestep=float(torch.as_tensor(timestep).flatten()[0].item()) * 1000.0,
+            seq_len=n_text + n_image,
+            text=torch.arange(n_text),
+            image=torch.arange(n_text, n_text + n_image),
+            grid=_grid(img_shapes, n_image),
+            text_mask=mask.detach().bool().cpu() if mask is not None else None,
+        )
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        encoder_hidden, hidden = output
+        return torch.cat([encoder_hidden, hidden], dim=1)
+
+    def text_labels(
+        self, pipeline: Any, ids: dict[str, list[torch.Tensor]], prompts: list[str], layout: CallLayout
+    ) -> list[Any] | None:
+        from ..text import label_tokens
+
+        if not ids.get("text"):
+            return None
+        tokenizer = pipeline.tokenizer
+        rows = _rows_for(ids["text"][0], layout.batch)
+        drop = int(getattr(pipeline, "prompt_template_encode_start_idx", 0))
+        pad = tokenizer.pad_token_id
+        n_text = len(layout.text)
+        texts = _prompts_for(prompts, layout.batch)
+        labels = []
+        for row, prompt in zip(rows.tolist(), texts, strict=True):
+            # the pipeline keeps the valid (unpadded) tokens after the template's head, cuts them to
+            # max_sequence_length, and pads with zeros up to the longest prompt of the batch
+            kept = [i for i in row if i != pad][drop:][:n_text]
+            labels.append(label_tokens(tokenizer, kept + [pad] * (n_text - len(kept)), prompt=prompt))
+        return labels
+
+
+def _grid(img_shapes: Any, n_image: int) -> np.ndarray:
+    """``(n_image, 3)`` frame, y, x of the packed latent patches described by ``img_shapes``."""
+    shapes = img_shapes
+    while isinstance(shapes, list | tuple) and shapes and isinstance(shapes[0], list):
+        shapes = shapes[0]  # one sample's list of (frames, h, w)
+    if isinstance(shapes, tuple) and len(shapes) == 3 and all(isinstance(v, int) for v in shapes):
+        shapes = [shapes]
+    cells, first_frame = [], 0
+    for f, h, w in shapes or []:
+        frame, y, x = np.meshgrid(np.arange(f), np.arange(h), np.arange(w), indexing="ij")
+        cells.append(np.stack([frame.ravel() + first_frame, y.ravel(), x.ravel()], axis=1))
+        first_frame += f
+    grid = np.concatenate(cells).astype(np.int64) if cells else np.zeros((0, 3), dtype=np.int64)
+    if len(grid) != n_image:  # no or inconsistent shapes: a square guess, as the pipeline packs it
+        side = max(round(n_image**0.5), 1)
+        yx = np.stack(np.divmod(np.arange(n_image), side), axis=1)
+        grid = np.concatenate([np.zeros((n_image, 1), dtype=np.int64), yx.astype(np.int64)], axis=1)
+    return grid

@@ -1,0 +1,93 @@
+"""Wan 2.1 / 2.2 (``WanTransformer3DModel``): separate self- and cross-attention.
+
+Each block runs self-attention among video tokens (``self.N``: queries and keys are video)
+and then cross-attention from video to text (``cross.N``: queries are video, keys are the
+text only, so ``cross`` holds its whole probability matrix). Both go through
+``dispatch_attention_fn`` with post-norm, post-RoPE ``(batch, seq, heads, head_dim)`` tensors.
+The joint layout of a forward is ``[text | video]``; a self layer has NaN ``cross`` and text
+``key_mass``, a cross layer NaN ``text_to_image`` and video ``key_mass``. Block outputs hold
+video tokens only, so text ``hidden_norm`` is NaN. Wan 2.1 image-to-video cross-attention
+first attends to the CLIP image context (not captured) and then to the text (captured).
+
+Text is UMT5's, zero-padded to ``max_sequence_length`` and not masked. Video tokens are
+``patch_size = (p_t, p_h, p_w)`` patches of the latent, frame-major. Timesteps are the
+scheduler's; Wan 2.2 TI2V passes one per token and the step's value is their largest.
+CFG runs as two forwards under ``cache_context("cond")`` / ``("uncond")``.
+
+Wan 2.2 A14B pipelines hold ``transformer`` (high noise) and ``transformer_2`` (low noise)
+and switch at a boundary timestep: capturing the pipeline hooks both; layers keep their
+names and each step's ``transformer`` coordinate says which one ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._video import timestep_value, video_grid
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+
+__all__ = ["WanAdapter"]
+
+
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_classes = ("WanTransformer3DModel",)
+    attention_functions = ("diffusers.models.transformers.transformer_wan:dispatch_attention_fn",)
+
+    def layers(self, transformer: nn.Module) -> list[AttentionLayer]:
+        found = []
+        for i, block in enumerate(transformer.blocks):
+            found.append(AttentionLayer(f"self.{i}", "self", block.attn1, block, block.attn1.heads))
+            found.append(AttentionLayer(f"cross.{i}", "cross", block.attn2, block, block.attn2.heads))
+        return found
+
+    def transformers(self, transformer: nn.Module, pipeline: Any | None) -> list[tuple[str, nn.Module]]:
+        second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
+        if isinstance(second, nn.Module) and second is not transformer:
+            return [("transformer", transformer), ("transformer_2", second)]
+        return [("transformer", transformer)]
+
+    def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
+        given = forward_arguments(transformer, args, kwargs)
+        hidden = given.get("hidden_states")
+        timestep = given.get("timestep")
+        text = given.get("encoder_hidden_states")
+        if hidden is None or text is None or timestep is None:
+            raise TypeError("WanTransformer3DModel needs hidden_states, timestep and encoder_hidden_states")
+        p_t, p_h, p_w = transformer.config.patch_size
+        batch, _, frames, height, width = hidden.shape
+        grid = video_grid(frames // p_t, height // p_h, width // p_w)
+        n_text, n_video = text.shape[1], len(grid)
+        return CallLayout(
+            batch=batch,
+            timestep=timestep_value(timestep),
+            seq_len=n_text + n_video,
+            text=torch.arange(n_text),
+            image=torch.arange(n_text, n_text + n_video),
+            grid=grid,
+        )
+
+    def call_rows(self, layer: AttentionLayer, layout: CallLayout, call: int) -> slice | None:
+        # image-to-video cross-attention attends to the CLIP image context first, the text second
+        text_call = (
+            1 if layer.kind == "cross" and getattr(layer.module, "add_k_proj", None) is not None else 0
+        )
+        return slice(None) if call == text_call else None
+
+    def call_tokens(
+        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        keys = layout.text if layer.kind == "cross" else layout.image
+        if n_query != len(layout.image) or n_key != len(keys):
+            kind = "text" if layer.kind == "cross" else "video"
+            raise ValueError(
+                f"{layer.name}: a call of {n_query} queries and {n_key} keys does not match "
+                f"{len(layout.image)} video and {len(keys)} {kind} tokens"
+            )
+        return layout.image, keys
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        return output  # (batch, video, dim): the text is not a block's output
