@@ -1,0 +1,149 @@
+"""Helpers shared by the analyses: input checks, token positions and labels, masks, targets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from ..errors import LayoutError, MissingVariableError
+
+IMAGE = "image"
+
+
+def require(ds: xr.Dataset, *names: str, analysis: str) -> None:
+    """Raise :class:`MissingVariableError` unless ``ds`` holds every variable or coordinate in ``names``."""
+    missing = [n for n in names if n not in ds.variables]
+    if missing:
+        have = sorted(str(v) for v in ds.data_vars)
+        raise MissingVariableError(
+            f"{analysis} needs {', '.join(missing)} in the Dataset, which holds "
+            f"{', '.join(have) or 'no variables'}; "
+            f"capture with keep=({', '.join(repr(n) for n in missing)}, ...)"
+        )
+
+
+def first_sample(coord: xr.DataArray) -> np.ndarray:
+    """A per-sample coordinate's values for the first sample (the token layout is shared by all)."""
+    if "sample" in coord.dims:
+        coord = coord.isel(sample=0)
+    return np.asarray(coord.values)
+
+
+def text_positions(ds: xr.Dataset) -> np.ndarray:
+    """Indices along ``key`` of the text tokens, in sequence order (``key_text`` is their order)."""
+    require(ds, "key_kind", analysis="locating text tokens")
+    return np.flatnonzero(first_sample(ds["key_kind"]).astype(str) != IMAGE)
+
+
+def image_positions(ds: xr.Dataset) -> np.ndarray:
+    """Indices along ``key`` of the image/video tokens, in sequence order (``query`` is their order)."""
+    require(ds, "key_kind", analysis="locating image tokens")
+    return np.flatnonzero(first_sample(ds["key_kind"]).astype(str) == IMAGE)
+
+
+def mean_heads(da: xr.DataArray) -> xr.DataArray:
+    """Mean over ``head`` where the dimension exists (head reductions already removed it)."""
+    return da.mean("head") if "head" in da.dims else da
+
+
+def key_labels(ds: xr.Dataset) -> xr.DataArray:
+    """A readable label of every key: the token string of text keys, ``img(y,x)`` of image keys.
+
+    Dims: ``(sample, key)`` when the Dataset has ``sample``, else ``(key,)``; eager (labels are small).
+    """
+    kinds = ds["key_kind"]
+    values = np.asarray(kinds.values).astype(str).astype(object)
+    image = np.flatnonzero(first_sample(kinds).astype(str) == IMAGE)
+    text = np.flatnonzero(first_sample(kinds).astype(str) != IMAGE)
+    if "y" in ds.coords and "x" in ds.coords and len(image) == ds.sizes.get("query", -1):
+        values[..., image] = [f"img({y},{x})" for y, x in zip(ds["y"].values, ds["x"].values, strict=True)]
+    else:
+        values[..., image] = [f"img#{i}" for i in range(len(image))]
+    if "token_str" in ds.coords:
+        tokens = np.asarray(ds["token_str"].values).astype(str).astype(object)
+        index = np.broadcast_to(np.arange(len(text)), tokens.shape)
+        values[..., text] = np.where(tokens != "", tokens, "#" + index.astype(str).astype(object))
+    return xr.DataArray(values, dims=kinds.dims, coords={d: ds[d] for d in kinds.dims if d in ds.indexes})
+
+
+def one_hot(labels: xr.DataArray, dim: str, categories: Sequence[str] | None = None) -> xr.DataArray:
+    """``(…, dim, category)`` float indicator of each label's category (eager: labels are small)."""
+    values = np.asarray(labels.values).astype(str)
+    cats = list(dict.fromkeys(sorted(set(values.ravel())))) if categories is None else list(categories)
+    data = (values[..., None] == np.array(cats, dtype=str)).astype(np.float32)
+    return xr.DataArray(data, dims=(*labels.dims, dim), coords={dim: cats})
+
+
+def target_tokens(ds: xr.Dataset, targets: str | Sequence[str] | xr.DataArray) -> xr.DataArray:
+    """``(sample, key_text)`` 0/1 selection of each sample's target word(s) (case-insensitive).
+
+    ``targets``: one word for every sample; one word (or ``"word1 word2"``) per sample; or a
+    boolean DataArray over ``key_text`` (and ``sample``) chosen by the caller.
+    """
+    if isinstance(targets, xr.DataArray):
+        return targets.astype(np.float32)
+    require(ds, "word", analysis="selecting target words")
+    words = np.asarray(ds["word"].values).astype(str)
+    if words.ndim == 1:
+        words = words[None]
+    lower = np.char.lower(words)
+    if isinstance(targets, str):
+        wanted = [targets] * lower.shape[0]
+    else:
+        wanted = [str(t) for t in targets]
+        if len(wanted) != lower.shape[0]:
+            raise LayoutError(
+                f"{len(wanted)} targets given for {lower.shape[0]} samples: give one per sample"
+            )
+    sel = np.zeros(lower.shape, dtype=np.float32)
+    for i, target in enumerate(wanted):
+        sel[i] = np.isin(lower[i], target.lower().split())
+        if not sel[i].any():
+            known = ", ".join(sorted({w for w in words[i] if w})) or "none"
+            raise MissingVariableError(f"target {target!r} is not a word of sample {i}; its words: {known}")
+    dims = ("sample", "key_text") if "sample" in ds["word"].dims else ("key_text",)
+    return xr.DataArray(sel if dims[0] == "sample" else sel[0], dims=dims)
+
+
+def query_mask(ds: xr.Dataset, mask: xr.DataArray | np.ndarray) -> xr.DataArray:
+    """A ground-truth mask as a bool over the ``query`` tokens: ``(sample, query)`` or ``(query,)``.
+
+    ``mask``: a DataArray over ``query``; or over ``y, x`` (optionally ``frame``, ``sample``) at
+    the token grid or at any integer multiple of it (pixels), where a token is inside when at
+    least half of its pixels are; or a numpy array ``(y, x)`` or ``(sample, y, x)``.
+    """
+    if not isinstance(mask, xr.DataArray):
+        arr = np.asarray(mask)
+        dims = {2: ("y", "x"), 3: ("sample", "y", "x"), 4: ("sample", "frame", "y", "x")}.get(arr.ndim)
+        if dims is None:
+            raise LayoutError(
+                f"a mask must be (y, x), (sample, y, x) or (sample, frame, y, x); got shape {arr.shape}"
+            )
+        mask = xr.DataArray(arr, dims=dims)
+    if "query" in mask.dims:
+        return mask.astype(bool)
+    grid = {d: int(ds[d].max()) + 1 for d in ("frame", "y", "x") if d in mask.dims}
+    for d, n in grid.items():
+        if mask.sizes[d] % n:
+            raise LayoutError(f"a mask of {mask.sizes[d]} along {d} does not tile the token grid of {n}")
+    factors = {d: mask.sizes[d] // n for d, n in grid.items() if mask.sizes[d] != n}
+    mask = mask.drop_vars([d for d in grid if d in mask.coords]).astype(np.float32)
+    if factors:
+        mask = mask.coarsen(factors).mean()
+    at = {d: ds[d].reset_coords(drop=True) for d in grid}
+    return (mask.isel(at) >= 0.5).drop_vars(
+        [d for d in ("frame", "y", "x") if d in ds.coords], errors="ignore"
+    )
+
+
+def carry_coords(out: xr.Dataset | xr.DataArray, ds: xr.Dataset) -> xr.Dataset | xr.DataArray:
+    """``out`` with the coordinates of ``ds`` that live on its dims (``timestep``, ``layer_kind``, …)."""
+    dims = set(out.dims)
+    extra = {
+        name: coord
+        for name, coord in ds.coords.items()
+        if name not in out.coords and coord.dims and set(coord.dims) <= dims
+    }
+    return out.assign_coords(extra)
