@@ -1,16 +1,19 @@
 """attnlens: look inside the joint text-image/video attention of diffusion transformers.
 
 >>> import attnlens
->>> sorted(attnlens.supported_models())
-['flux']
+>>> {"flux", "mochi", "wan"} <= set(attnlens.supported_models())
+True
 """
 
 __version__ = "0.1.0"
 
+from . import analysis
 from .capture import CaptureSpec
 from .errors import AttnlensError
+from .interventions import redirect, suppress
 from .models.registry import supported_models
 from .session import Capture, capture
+from .store import open_store
 from .text import TokenLabels, label_tokens
 
 __all__ = [
@@ -19,7 +22,11 @@ __all__ = [
     "CaptureSpec",
     "TokenLabels",
     "__version__",
+    "analysis",
     "capture",
     "label_tokens",
+    "open_store",
+    "redirect",
     "supported_models",
+    "suppress",
 ]

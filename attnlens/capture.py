@@ -176,6 +176,8 @@ def attention_slices(
     heads: Sequence[int] | None = None,
     reduction: str | None = None,
     chunk_bytes: int = 64 * 2**20,
+    key_text: torch.Tensor | None = None,
+    key_image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Attention probabilities restricted to what ``keep`` asks for, without an ``N × N`` matrix.
 
@@ -195,11 +197,17 @@ def attention_slices(
         heads: head indices to keep (default all).
         reduction: ``"mean"`` or ``"max"`` over the kept heads, or ``None``.
         chunk_bytes: float32 budget of one chunk of logits.
+        key_text: positions of text tokens among the keys when the keys are not the query
+            sequence (a cross-attention or image-only call); ``text`` and ``image`` then
+            index the queries only. Default: ``text``.
+        key_image: positions of image/video tokens among the keys; default ``image``.
 
     Returns:
         float32 tensors: ``cross`` ``(batch, head, query, key_text)``; ``text_to_image``
         ``(batch, head, query_text, key_image)``; ``key_mass`` ``(batch, head, key)``;
         ``full`` ``(batch, head, query_all, key)``; ``head`` has size 1 under a reduction.
+        A query row the mask excludes from every key (Chroma's padded text) has probabilities
+        0, not NaN, and ``key_mass`` averages over the query rows that attend.
 
     >>> q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
     >>> out = attention_slices(q, k, text=torch.arange(2), image=torch.arange(2, 5), keep=["cross", "full"])
@@ -214,8 +222,12 @@ def attention_slices(
             f"got {tuple(query.shape)} and {tuple(key.shape)}"
         )
     n = key.shape[1]
-    if query.shape[1] != n:
-        raise ValueError(f"joint attention needs as many queries as keys; got {query.shape[1]} and {n}")
+    n_query = query.shape[1]
+    if n_query != n and key_text is None and key_image is None:
+        raise ValueError(
+            f"joint attention needs as many queries as keys; got {n_query} and {n} "
+            "(give key_text/key_image for a call whose keys are another sequence)"
+        )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     q = query.transpose(1, 2)  # (batch, heads, seq, head_dim)
     k = key.transpose(1, 2)
@@ -226,25 +238,41 @@ def attention_slices(
     q = q.float().contiguous()
     k_t = k.float().transpose(-1, -2).contiguous()
     text, image = text.to(q.device), image.to(q.device)
-    text_cols, image_cols = _index(text), _index(image)
+    text_cols = _index(text if key_text is None else key_text.to(q.device))
+    image_cols = _index(image if key_image is None else key_image.to(q.device))
     batch, num_heads = q.shape[:2]
 
     all_rows = "key_mass" in keep or "full" in keep
     if all_rows:
-        row_sets = [("all", torch.arange(n, device=q.device))]
+        row_sets = [("all", torch.arange(n_query, device=q.device))]
     else:
         row_sets = [
             (name, rows) for name, rows in (("cross", image), ("text_to_image", text)) if name in keep
         ]
-    is_image = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_image = torch.zeros(n_query, dtype=torch.bool, device=q.device)
     is_image[image] = True
-    is_text = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_text = torch.zeros(n_query, dtype=torch.bool, device=q.device)
     is_text[text] = True
 
     # logits, exp and a temporary: three float32 (batch, heads, chunk, seq) tensors at once
     chunk = max(1, chunk_bytes // (3 * 4 * batch * num_heads * n))
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in keep if name != "key_mass"}
+    # outputs are allocated once and filled in place: small per-chunk pieces interleaved with the
+    # chunks' large temporaries fragment the heap until it holds as much as an N × N matrix
+    n_text_cols = len(text) if key_text is None else len(key_text)
+    n_image_cols = len(image) if key_image is None else len(key_image)
+    shapes = {
+        "cross": (len(image), n_text_cols),
+        "text_to_image": (len(text), n_image_cols),
+        "full": (n_query, n),
+    }
+    heads_out = 1 if reduction is not None else num_heads
+    out = {name: q.new_empty(batch, heads_out, *shapes[name]) for name in keep if name in shapes}
+    image_row = torch.full((n_query,), -1, dtype=torch.long, device=q.device)
+    image_row[image] = torch.arange(len(image), device=q.device)
+    text_row = torch.full((n_query,), -1, dtype=torch.long, device=q.device)
+    text_row[text] = torch.arange(len(text), device=q.device)
     mass = torch.zeros(batch, num_heads, n, device=q.device) if "key_mass" in keep else None
+    attending = torch.zeros(batch, num_heads, 1, device=q.device)  # query rows not masked out entirely
     for what, rows in row_sets:
         for start in range(0, len(rows), chunk):
             idx = rows[start : start + chunk]
@@ -252,26 +280,39 @@ def attention_slices(
             if attn_mask is not None:
                 logits = _apply_mask(logits, attn_mask, idx)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            if attn_mask is not None:
+                # a row masked out everywhere has lse = -inf; +inf makes its probabilities 0, not NaN
+                if what == "all":
+                    attending += torch.isfinite(lse).sum(dim=2)
+                lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+            here = slice(start, start + len(idx))
             if what == "cross":
-                pieces["cross"].append(_reduce(logits[..., text_cols].sub_(lse).exp_(), reduction))
+                out["cross"][:, :, here] = _reduce(logits[..., text_cols].sub_(lse).exp_(), reduction)
                 continue
             if what == "text_to_image":
-                pieces["text_to_image"].append(_reduce(logits[..., image_cols].sub_(lse).exp_(), reduction))
+                out["text_to_image"][:, :, here] = _reduce(
+                    logits[..., image_cols].sub_(lse).exp_(), reduction
+                )
                 continue
             probs = logits.sub_(lse).exp_()
             if mass is not None:
                 mass += probs.sum(dim=2)
-            if "full" in pieces:
-                pieces["full"].append(_reduce(probs, reduction))
+            if "full" in out:
+                out["full"][:, :, here] = _reduce(probs, reduction)
             img_rows, txt_rows = is_image[idx], is_text[idx]
-            if "cross" in pieces and img_rows.any():
-                pieces["cross"].append(_reduce(probs[:, :, img_rows][..., text_cols], reduction))
-            if "text_to_image" in pieces and txt_rows.any():
-                pieces["text_to_image"].append(_reduce(probs[:, :, txt_rows][..., image_cols], reduction))
+            if "cross" in out and img_rows.any():
+                out["cross"][:, :, image_row[idx[img_rows]]] = _reduce(
+                    probs[:, :, img_rows][..., text_cols], reduction
+                )
+            if "text_to_image" in out and txt_rows.any():
+                rows_out = text_row[idx[txt_rows]]
+                out["text_to_image"][:, :, rows_out] = _reduce(
+                    probs[:, :, txt_rows][..., image_cols], reduction
+                )
 
-    out = {name: torch.cat(parts, dim=2) for name, parts in pieces.items() if parts}
     if mass is not None:
-        out["key_mass"] = _reduce(mass / n, reduction)
+        rows_attending = attending.clamp(min=1) if attn_mask is not None else n_query
+        out["key_mass"] = _reduce(mass / rows_attending, reduction)
     return out
 
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -20,25 +21,10 @@ console = Console()
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Capture a tiny FLUX pipeline's attention over a short sampling run and summarise it."""
-    import torch
-
     import attnlens
-    from attnlens.testing import tiny_flux_pipeline
 
-    pipe = tiny_flux_pipeline(num_layers=2, num_single_layers=2)
-    pipe.set_progress_bar_config(desc="sampling", disable=False)
     console.print(f"[bold]attnlens {attnlens.__version__}[/] — capturing a tiny random-weight FLUX pipeline")
-    with attnlens.capture(pipe, keep=("cross", "key_mass"), heads="mean") as cap:
-        pipe(
-            args.prompt,
-            height=32,
-            width=32,
-            num_inference_steps=args.steps,
-            max_sequence_length=16,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        )
-    ds = cap.result
+    ds = _demo_capture(args.prompt, args.steps, keep=("cross", "key_mass"), heads="mean")
     console.print(ds)
     _print_mass_table(ds)
     return 0
@@ -46,23 +32,185 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_mass_table(ds) -> None:
     """Share of incoming attention per token kind, per layer (mean over samples, steps, heads)."""
-    mass = ds.key_mass.mean(("step", "head"))  # (sample, layer, key)
-    kinds = sorted(set(ds.key_kind.values.ravel()))
+    from attnlens.analysis import mass_by_kind
+
+    share = mass_by_kind(ds).mean([d for d in ("sample", "step") if d in ds.dims])  # (layer, kind)
+    per_key = ds.key_mass.mean([d for d in ("sample", "step", "head") if d in ds.key_mass.dims])
+    text = ds.key_kind.values[0] != "image"
     table = Table(title="share of incoming attention by token kind (mean over steps and heads)")
     table.add_column("layer")
-    for kind in kinds:
-        table.add_column(kind, justify="right")
+    for kind in share.kind.values:
+        table.add_column(str(kind), justify="right")
     table.add_column("top text token", justify="left")
-    text = ds.key_kind.values[0] != "image"
     for layer in ds.layer.values:
-        per_key = mass.sel(layer=layer).mean("sample").values
-        shares = [per_key[ds.key_kind.values[0] == k].sum() / per_key.sum() for k in kinds]
-        top = int(per_key[text].argmax())
+        mass = per_key.sel(layer=layer).values  # (key,)
+        top = int(np.flatnonzero(text)[mass[text].argmax()])
         label = ds.token_str.values[0, top] or f"#{top}"
+        ratio = mass[top] * len(mass)
+        row = [f"{v:.3f}" for v in share.sel(layer=layer).values]
+        table.add_row(str(layer), *row, f"{label} ({ratio:.2f}× uniform)")
+    console.print(table)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    """Print what a store holds: samples, variables and their sizes, layers, steps and tokens."""
+    import numpy as np
+
+    from attnlens.errors import choices
+    from attnlens.store import open_store, stored_bytes, verify_store
+
+    ds = open_store(args.store)
+    disk = stored_bytes(args.store)
+    attrs = ds.attrs
+    console.print(f"[bold]{args.store}[/] — attnlens store, schema version {attrs.get('schema_version')}")
+    model = attrs.get("model_id") or attrs.get("model_class", "?")
+    console.print(f"model: {model} ({attrs.get('family', '?')}, config hash {attrs.get('config_hash', '?')})")
+    versions = attrs.get("versions", {})
+    if versions:
+        console.print("written by: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    ids = [str(i) for i in ds.sample_id.values]
+    slots = ds.encoding.get("sample_slots", len(ids))
+    console.print(f"samples: {len(ids)} complete of {slots} slot(s): {choices(ids, 8) or '—'}")
+
+    table = Table(title="variables")
+    for column in ("variable", "dims", "shape", "dtype", "in memory", "on disk", "ratio"):
+        table.add_column(
+            column,
+            justify="right" if column in ("in memory", "on disk", "ratio") else "left",
+            no_wrap=column == "variable",
+        )
+    for name, var in ds.data_vars.items():
+        stored = disk.get(str(name), 0)
+        ratio = f"{var.nbytes / stored:.2f}×" if stored and len(ids) == slots else "—"
         table.add_row(
-            str(layer), *(f"{s:.3f}" for s in shares), f"{label} ({per_key[top] * len(per_key):.2f}× uniform)"
+            str(name),
+            ", ".join(var.dims),
+            str(var.shape),
+            str(var.dtype),
+            _size(var.nbytes),
+            _size(stored),
+            ratio,
         )
     console.print(table)
+    console.print(f"on disk in all: {_size(sum(disk.values()))}")
+
+    kinds = [str(k) for k in ds.layer_kind.values]
+    names = [str(n) for n in ds.layer.values]
+    for kind in dict.fromkeys(kinds):
+        chosen = [n for n, k in zip(names, kinds, strict=True) if k == kind]
+        console.print(f"layers ({kind}, {len(chosen)}): {choices(chosen, 8)}")
+
+    steps = Table(title="steps")
+    for column in ("step", "denoise step", "timestep", "branch"):
+        steps.add_column(column)
+    for i in range(ds.sizes["step"]):
+        one = ds.isel(step=i)
+        steps.add_row(
+            str(int(one.step)), str(int(one.denoise_step)), f"{float(one.timestep):g}", str(one.branch.values)
+        )
+    console.print(steps)
+
+    if ids:
+        sample = args.sample if args.sample is not None else ids[0]
+        tokens = ds.attnlens.tokens(sample=sample)
+        pads = tokens.token_kind == "pad"
+        title = f"text tokens of sample {sample!r}" + (
+            f" ({int(pads.sum())} pad tokens not shown)" if pads.any() else ""
+        )
+        table = Table(title=title)
+        for column in ("position", "token", "word", "word index", "kind"):
+            table.add_column(column)
+        for position, row in tokens[~pads].iterrows():
+            table.add_row(str(position), row.token_str, row.word, str(row.word_index), row.token_kind)
+        console.print(table)
+        console.print(f"image tokens: {ds.sizes['query']} on a grid of {_grid(ds, np)} (frame, y, x)")
+
+    if args.verify:
+        problems = verify_store(args.store)
+        for problem in problems:
+            console.print(f"[red]damaged:[/] {problem}")
+        console.print(f"verified {len(ids)} sample(s): {len(problems)} problem(s)")
+        return 1 if problems else 0
+    return 0
+
+
+def _cmd_sinks(args: argparse.Namespace) -> int:
+    """Find attention sinks in a store (or a capture of the tiny FLUX); print a table, write a figure."""
+    from attnlens.analysis import find_sinks, plot_sinks, sinks_by_layer
+
+    if args.store is not None:
+        from attnlens.store import open_store
+
+        ds, source = open_store(args.store), args.store
+    else:
+        source = "a tiny random-weight FLUX pipeline"
+        ds = _demo_capture(args.prompt, args.steps, keep=("key_mass", "cross", "hidden_norm"))
+    sinks = find_sinks(ds, min_ratio=args.min_ratio, head_share=args.head_share, epsilon=args.epsilon)
+    rows = sinks_by_layer(sinks, ds)
+    table = Table(title=f"attention sinks of {source} (means over samples and steps)")
+    columns = {
+        "layer": "layer",
+        "gas": "GAS tokens (share of steps)",
+        "gas_share": "GAS share",
+        "gu_sink_heads": f"heads α>{args.epsilon:g}",
+        "high_norm": "high-norm tokens",
+        "massive": "massive",
+        "top_kind": "top kind",
+    }
+    shown = [c for c in columns if c in rows]
+    for column in shown:
+        left = column in ("layer", "gas", "top_kind")
+        table.add_column(columns[column], justify="left" if left else "right")
+    for row in rows.to_dict("records"):
+        cells = []
+        for column in shown:
+            value = row[column]
+            if column == "top_kind":
+                value = f"{value} ({row['top_kind_share']:.0%})"
+            elif isinstance(value, float):
+                value = f"{value:.3f}" if column in ("gas_share", "gu_sink_heads") else f"{value:.1f}"
+            cells.append(str(value) or "—")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"query independence measured from: {sinks.attrs['query_share_from']}")
+    if args.out:
+        plot_sinks(sinks, ds).write_html(args.out, include_plotlyjs=True)
+        console.print(f"figure written to {args.out}")
+    return 0
+
+
+def _demo_capture(prompt: str, steps: int, **spec: object):
+    """``cap.result`` of a short sampling run of the tiny random FLUX pipeline (2 + 2 blocks)."""
+    import torch
+
+    import attnlens
+    from attnlens.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(num_layers=2, num_single_layers=2)
+    pipe.set_progress_bar_config(desc="sampling", disable=False)
+    with attnlens.capture(pipe, **spec) as cap:
+        pipe(
+            prompt,
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            max_sequence_length=16,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+    return cap.result
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _grid(ds, np) -> str:
+    return " × ".join(str(int(np.max(ds[c].values)) + 1) for c in ("frame", "y", "x"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="a red mug on the left of a wooden table")
     demo.add_argument("--steps", type=int, default=4, help="denoising steps")
     demo.set_defaults(func=_cmd_demo)
+    inspect = sub.add_parser("inspect", help="print what an attention store holds")
+    inspect.add_argument("store", help="path or fsspec URL of the store")
+    inspect.add_argument("--sample", help="sample id whose tokens to list (default: the first)")
+    inspect.add_argument("--verify", action="store_true", help="read every chunk, reporting damaged ones")
+    inspect.set_defaults(func=_cmd_inspect)
+    sinks = sub.add_parser("sinks", help="find attention sinks per layer, print them, write a plotly figure")
+    sinks.add_argument("store", nargs="?", help="path or fsspec URL of a store (default: a tiny FLUX run)")
+    sinks.add_argument("--out", default="sinks.html", help="HTML figure to write ('' for none)")
+    sinks.add_argument("--min-ratio", type=float, default=10.0, help="smallest sink ratio N·α of a sink")
+    sinks.add_argument("--head-share", type=float, default=0.5, help="share of heads a GAS is a sink in")
+    sinks.add_argument("--epsilon", type=float, default=0.3, help="Gu et al.'s threshold on α")
+    sinks.add_argument("--steps", type=int, default=2, help="denoising steps of the capture without a store")
+    sinks.add_argument("--prompt", default="a red mug on the left of a wooden table", help="without a store")
+    sinks.set_defaults(func=_cmd_sinks)
     return parser
 
 

@@ -12,10 +12,18 @@ from collections.abc import Iterable
 __all__ = [
     "AttnlensError",
     "CaptureTooLargeError",
+    "CorruptStoreError",
     "EmptySpecError",
     "HeadIndexError",
     "HookError",
     "LayoutError",
+    "MissingVariableError",
+    "NotAStoreError",
+    "SelectionError",
+    "StoreError",
+    "StoreFullError",
+    "StoreNotFoundError",
+    "StoreVersionError",
     "UnknownLayerError",
     "UnsupportedModelError",
 ]
@@ -54,6 +62,44 @@ class HookError(AttnlensError, RuntimeError):
 
 class LayoutError(AttnlensError, ValueError):
     """Captured calls disagree on their token layout and cannot share one Dataset."""
+
+
+class MissingVariableError(AttnlensError, ValueError):
+    """A Dataset lacks a variable, coordinate or word that an analysis needs."""
+
+
+class SelectionError(AttnlensError, KeyError):
+    """A selection on a capture Dataset (word, token, layer, head, step, sample) matches nothing."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class StoreError(AttnlensError):
+    """An attention store cannot be read or written."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """Nothing exists where a store was expected."""
+
+
+class NotAStoreError(StoreError, ValueError):
+    """The location is an empty folder, or holds data that another tool wrote."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written with a newer store schema than this attnlens reads."""
+
+
+class CorruptStoreError(StoreError):
+    """Part of a store (metadata or a chunk) is truncated or damaged."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The store's storage ran out of space; the samples completed before stay readable."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]" to the message
+        return str(self.strerror if self.strerror is not None else self.args[0])
 
 
 def choices(values: Iterable[object], limit: int = 12) -> str:

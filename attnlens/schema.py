@@ -17,7 +17,7 @@ variable           dims                                              meaning
 tokens and ``key``/``query_all`` the whole joint sequence, each in sequence order; distinct
 names are needed because one dimension name has one size in a Dataset.
 
-Coordinates: ``step`` (+ ``timestep``, ``branch``, ``denoise_step``); ``layer`` (+
+Coordinates: ``step`` (+ ``timestep``, ``branch``, ``denoise_step``, ``transformer``); ``layer`` (+
 ``layer_kind``); ``head`` (indices, or the reduction's name); ``query`` (+ ``frame``, ``y``,
 ``x``); ``key_text`` (+ ``token_str``, ``word``, ``word_index``, ``token_kind``, each over
 ``(sample, key_text)`` since prompts differ between samples); ``key`` (+ ``key_kind`` over
@@ -58,6 +58,8 @@ class CapturedStep:
     timestep: float
     branch: str
     arrays: dict[str, dict[str, np.ndarray]]
+    #: which of a pipeline's transformers ran the forward (Wan 2.2: ``transformer_2`` at low noise)
+    transformer: str = "transformer"
 
 
 @dataclass
@@ -75,7 +77,10 @@ def config_hash(config: Any) -> str:
     >>> config_hash({"num_layers": 2}) == config_hash({"num_layers": 2})
     True
     """
-    blob = json.dumps(dict(config), sort_keys=True, default=str).encode()
+    # private keys are bookkeeping, not architecture: diffusers' `_use_default_values` is built
+    # from a set, so its order (and the hash) would change with each process's string hashing
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    blob = json.dumps(public, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -98,9 +103,9 @@ def assemble(
     """
     from .errors import LayoutError
 
-    signature = [(s.denoise_step, s.timestep, s.branch) for s in groups[0].steps]
+    signature = [(s.denoise_step, s.timestep, s.branch, s.transformer) for s in groups[0].steps]
     for g in groups[1:]:
-        other = [(s.denoise_step, s.timestep, s.branch) for s in g.steps]
+        other = [(s.denoise_step, s.timestep, s.branch, s.transformer) for s in g.steps]
         if other != signature:
             raise LayoutError(
                 f"samples went through different denoising steps ({len(signature)} vs {len(other)} forwards, "
@@ -124,6 +129,7 @@ def assemble(
         "denoise_step": ("step", np.array([s[0] for s in signature], dtype=np.int64)),
         "timestep": ("step", np.array([s[1] for s in signature], dtype=np.float64)),
         "branch": ("step", np.array([s[2] for s in signature], dtype=object)),
+        "transformer": ("step", np.array([s[3] for s in signature], dtype=object)),
         "layer": np.array(layers, dtype=object),
         "layer_kind": ("layer", np.array(layer_kinds, dtype=object)),
         "head": np.array(heads, dtype=object if isinstance(heads[0], str) else np.int64),

@@ -120,7 +120,7 @@ def otsu(maps: np.ndarray, bins: int = 64) -> np.ndarray:
     """Otsu's threshold of each map over its last two axes: bool masks of the same shape.
 
     >>> m = np.zeros((1, 4, 4)); m[0, :2] = 1.0
-    >>> otsu(m)[0].sum()
+    >>> int(otsu(m)[0].sum())
     8
     """
     flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
