@@ -54,6 +54,29 @@ def timestep_value(timestep: Any) -> float:
     return float(t.flatten()[0].item())
 
 
+class SelfCrossAttention:
+    """Mixin for video DiTs with separate self- (``self.N``) and cross-attention (``cross.N``) layers.
+
+    Video tokens query in both; keys are the video tokens in self-attention and the text in
+    cross-attention. Blocks update the video tokens only.
+    """
+
+    def call_tokens(
+        self, layer: Any, layout: Any, n_query: int, n_key: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = layout.text if layer.kind == "cross" else layout.image
+        if n_query != len(layout.image) or n_key != len(keys):
+            kind = "text" if layer.kind == "cross" else "video"
+            raise ValueError(
+                f"{layer.name}: a call of {n_query} queries and {n_key} keys does not match "
+                f"{len(layout.image)} video and {len(keys)} {kind} tokens"
+            )
+        return layout.image, keys
+
+    def block_hidden(self, output: Any) -> torch.Tensor:
+        return output  # (batch, video, dim): the text is not a block's output
+
+
 class BatchedCFG:
     """Mixin for adapters of pipelines that run both CFG branches in one forward (see below)."""
 

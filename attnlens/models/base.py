@@ -234,12 +234,22 @@ def _prompts_for(prompts: list[str], batch: int) -> list[str | None]:
     return [prompts[i // (batch // len(prompts))] for i in range(batch)]
 
 
-def forward_arguments(transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+REQUIRED = ("hidden_states", "encoder_hidden_states", "timestep")
+
+
+def forward_arguments(
+    transformer: nn.Module, args: tuple, kwargs: dict[str, Any], required: tuple[str, ...] = REQUIRED
+) -> dict[str, Any]:
     """A forward's arguments by name, positional ones bound by the transformer's signature.
 
-    Names the call did not pass are absent (``.get`` gives ``None``).
+    Names the call did not pass are absent (``.get`` gives ``None``); a missing or ``None``
+    ``required`` argument raises ``TypeError`` naming what the model needs.
     """
-    return _signature(type(transformer)).bind_partial(*args, **kwargs).arguments
+    given = _signature(type(transformer)).bind_partial(*args, **kwargs).arguments
+    if any(given.get(name) is None for name in required):
+        *rest, last = required
+        raise TypeError(f"{type(transformer).__name__} needs {', '.join(rest)} and {last}")
+    return given
 
 
 @functools.cache

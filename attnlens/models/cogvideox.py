@@ -42,10 +42,6 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
         hidden = given.get("hidden_states")
         text = given.get("encoder_hidden_states")
         timestep = given.get("timestep")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError(
-                "CogVideoXTransformer3DModel needs hidden_states, encoder_hidden_states and timestep"
-            )
         cfg = transformer.config
         p, p_t = cfg.patch_size, cfg.patch_size_t or 1
         batch, frames, _, height, width = hidden.shape  # CogVideoX latents are frame-first

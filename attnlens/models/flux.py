@@ -37,8 +37,6 @@ class FluxAdapter(ModelAdapter):
         text = given.get("encoder_hidden_states")
         timestep = given.get("timestep")
         img_ids = given.get("img_ids")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError("FluxTransformer2DModel needs hidden_states, encoder_hidden_states and timestep")
         n_text, n_image = text.shape[1], hidden.shape[1]
         if img_ids is not None:
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids

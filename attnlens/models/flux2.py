@@ -41,8 +41,6 @@ class Flux2Adapter(ModelAdapter):
         text = given.get("encoder_hidden_states")
         timestep = given.get("timestep")
         img_ids = given.get("img_ids")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError("Flux2Transformer2DModel needs hidden_states, encoder_hidden_states and timestep")
         if kwargs.get("kv_cache_mode") is not None:
             raise UnsupportedModelError(
                 "attnlens cannot capture FLUX.2's KV-cache mode (kv_cache_mode="

@@ -51,10 +51,6 @@ class HunyuanVideoAdapter(ModelAdapter):
         timestep = given.get("timestep")
         text = given.get("encoder_hidden_states")
         mask = given.get("encoder_attention_mask")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError(
-                "HunyuanVideoTransformer3DModel needs hidden_states, timestep and encoder_hidden_states"
-            )
         cfg = transformer.config
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)

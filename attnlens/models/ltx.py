@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, grid_from_coords, timestep_value, video_grid
+from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, timestep_value, video_grid
 from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["LTXVideoAdapter"]
 
 
-class LTXVideoAdapter(BatchedCFG, ModelAdapter):
+class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
     family = "ltx"
     transformer_classes = ("LTXVideoTransformer3DModel",)
     attention_functions = ("diffusers.models.transformers.transformer_ltx:dispatch_attention_fn",)
@@ -47,10 +47,6 @@ class LTXVideoAdapter(BatchedCFG, ModelAdapter):
         hidden, text, timestep = (
             given.get(n) for n in ("hidden_states", "encoder_hidden_states", "timestep")
         )
-        if hidden is None or text is None or timestep is None:
-            raise TypeError(
-                "LTXVideoTransformer3DModel needs hidden_states, encoder_hidden_states and timestep"
-            )
         n_video = hidden.shape[1]
         if given.get("video_coords") is not None:
             grid = grid_from_coords(given.get("video_coords")[0])
@@ -72,18 +68,3 @@ class LTXVideoAdapter(BatchedCFG, ModelAdapter):
             # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
             text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,
         )
-
-    def call_tokens(
-        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        keys = layout.text if layer.kind == "cross" else layout.image
-        if n_query != len(layout.image) or n_key != len(keys):
-            kind = "text" if layer.kind == "cross" else "video"
-            raise ValueError(
-                f"{layer.name}: a call of {n_query} queries and {n_key} keys does not match "
-                f"{len(layout.image)} video and {len(keys)} {kind} tokens"
-            )
-        return layout.image, keys
-
-    def block_hidden(self, output: Any) -> torch.Tensor:
-        return output  # (batch, video, dim): the text is not a block's output

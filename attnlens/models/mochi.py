@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._video import BatchedCFG, timestep_value, video_grid
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["MochiAdapter"]
 
@@ -43,16 +43,11 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
         ]
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
-        given = forward_arguments(transformer, args, kwargs)
+        given = forward_arguments(transformer, args, kwargs, (*REQUIRED, "encoder_attention_mask"))
         hidden = given.get("hidden_states")
         text = given.get("encoder_hidden_states")
         timestep = given.get("timestep")
         mask = given.get("encoder_attention_mask")
-        if hidden is None or text is None or timestep is None or mask is None:
-            raise TypeError(
-                "MochiTransformer3DModel needs hidden_states, encoder_hidden_states, timestep and "
-                "encoder_attention_mask"
-            )
         p = transformer.config.patch_size
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames, height // p, width // p)

@@ -44,10 +44,6 @@ class QwenImageAdapter(ModelAdapter):
         mask = given.get("encoder_hidden_states_mask")
         timestep = given.get("timestep")
         img_shapes = given.get("img_shapes")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError(
-                "QwenImageTransformer2DModel needs hidden_states, encoder_hidden_states and timestep"
-            )
         n_text, n_image = text.shape[1], hidden.shape[1]
         return CallLayout(
             batch=hidden.shape[0],

@@ -51,8 +51,6 @@ class SD3Adapter(ModelAdapter):
         hidden = given.get("hidden_states")
         text = given.get("encoder_hidden_states")
         timestep = given.get("timestep")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError("SD3Transformer2DModel needs hidden_states, encoder_hidden_states and timestep")
         patch = transformer.config.patch_size
         h, w = hidden.shape[-2] // patch, hidden.shape[-1] // patch
         n_image, n_text = h * w, text.shape[1]

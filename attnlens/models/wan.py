@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import timestep_value, video_grid
+from ._video import SelfCrossAttention, timestep_value, video_grid
 from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["WanAdapter"]
 
 
-class WanAdapter(ModelAdapter):
+class WanAdapter(SelfCrossAttention, ModelAdapter):
     family = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     attention_functions = ("diffusers.models.transformers.transformer_wan:dispatch_attention_fn",)
@@ -55,8 +55,6 @@ class WanAdapter(ModelAdapter):
         hidden = given.get("hidden_states")
         timestep = given.get("timestep")
         text = given.get("encoder_hidden_states")
-        if hidden is None or text is None or timestep is None:
-            raise TypeError("WanTransformer3DModel needs hidden_states, timestep and encoder_hidden_states")
         p_t, p_h, p_w = transformer.config.patch_size
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames // p_t, height // p_h, width // p_w)
@@ -76,18 +74,3 @@ class WanAdapter(ModelAdapter):
             1 if layer.kind == "cross" and getattr(layer.module, "add_k_proj", None) is not None else 0
         )
         return slice(None) if call == text_call else None
-
-    def call_tokens(
-        self, layer: AttentionLayer, layout: CallLayout, n_query: int, n_key: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        keys = layout.text if layer.kind == "cross" else layout.image
-        if n_query != len(layout.image) or n_key != len(keys):
-            kind = "text" if layer.kind == "cross" else "video"
-            raise ValueError(
-                f"{layer.name}: a call of {n_query} queries and {n_key} keys does not match "
-                f"{len(layout.image)} video and {len(keys)} {kind} tokens"
-            )
-        return layout.image, keys
-
-    def block_hidden(self, output: Any) -> torch.Tensor:
-        return output  # (batch, video, dim): the text is not a block's output
