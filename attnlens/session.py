@@ -504,6 +504,9 @@ class Capture:
         runs = [r for r in (self._runs if runs is None else runs) if r.steps]
         if not runs:
             raise HookError("nothing was captured: run the model inside a `with attnlens.capture(...)` block")
+        if torch.cuda.is_initialized():
+            # kept tensors were copied to the host asynchronously (``_keep``): wait before reading them
+            torch.cuda.synchronize()
         first = runs[0].layout
         for run in runs[1:]:
             if not run.layout.same_tokens(first):
