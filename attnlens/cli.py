@@ -234,7 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     sinks.add_argument("--steps", type=int, default=2, help="denoising steps of the capture without a store")
     sinks.add_argument("--prompt", default="a red mug on the left of a wooden table", help="without a store")
     sinks.set_defaults(func=_cmd_sinks)
+    zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)
+    train = zoo.add_parser("train", help="train (or resume training) an embedded model")
+    train.add_argument("name", choices=["shapes-flux"], help="which model")
+    train.add_argument("--out", required=True, help="folder for checkpoints and the trained weights")
+    train.add_argument("--steps", type=int, default=20_000, help="optimiser steps")
+    train.add_argument("--batch", type=int, default=64, help="images per step")
+    train.add_argument("--seed", type=int, default=0, help="fixes scenes, text choices, noise and weights")
+    train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    train.set_defaults(func=_cmd_zoo_train)
     return parser
+
+
+def _cmd_zoo_train(args: argparse.Namespace) -> int:
+    """Train an embedded model; an interrupted run resumes from its last checkpoint in --out."""
+    from attnlens.zoo.train import TrainConfig, train
+
+    config = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
+    train(args.out, config=config, device=args.device)
+    console.print(f"trained {args.name}: weights and train_log.json in {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

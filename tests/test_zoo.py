@@ -94,3 +94,14 @@ def test_capture_labels_the_embedded_pipeline_words():
     assert list(ds.word.values[0, :3]) == ["the", "red", "circle"]
     assert list(ds.token_kind.values[0, :5]) == ["stop", "content", "content", "special", "pad"]
     assert ds.sizes["query"] == 64 and ds.y.values.max() == 7
+
+
+def test_zoo_train_command_trains_and_resumes(tmp_path):
+    from attnlens.cli import main
+
+    args = ["zoo", "train", "shapes-flux", "--out", str(tmp_path), "--steps", "1", "--batch", "2"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "train_log.json").read_text())["steps"] == 1
+    assert main([*args[:-4], "--steps", "2", "--batch", "2"]) == 0  # resumes from the checkpoint
+    assert json.loads((tmp_path / "train_log.json").read_text())["images_seen"] == 4
+    assert ShapesPipeline.load(tmp_path).config.num_layers == 3
