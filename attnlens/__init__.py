@@ -7,7 +7,10 @@ True
 
 __version__ = "0.1.0"
 
-from . import analysis
+from . import (
+    accessor,  # noqa: F401  (registers the ds.attnlens accessor)
+    analysis,
+)
 from .capture import CaptureSpec
 from .errors import AttnlensError
 from .interventions import redirect, suppress

@@ -111,8 +111,9 @@ class ObjectSpec:
         extent: side of the bounding square in pixels.
         velocity: ``(dx, dy)`` pixels per frame; ``(0, 0)`` in still scenes.
 
-    >>> ObjectSpec("circle", "red", "small", x=3, y=5, extent=12, velocity=(1, 0)).box(frame=2)
-    (5, 5, 17, 17)
+    Examples:
+        >>> ObjectSpec("circle", "red", "small", x=3, y=5, extent=12, velocity=(1, 0)).box(frame=2)
+        (5, 5, 17, 17)
     """
 
     shape: str
@@ -216,13 +217,14 @@ def make_scene(
             size and position expressions need repeated shapes.
         p_texture: chance of a speckled rather than plain background.
 
-    >>> scene = make_scene(np.random.default_rng(1), n_objects=3)
-    >>> scene.image.shape, scene.image.dtype, scene.masks.shape  # (h, w, rgb), (object, h, w)
-    ((64, 64, 3), dtype('uint8'), (3, 64, 64))
-    >>> scene.caption
-    'a small blue cross, a small red circle and a red triangle on a black background'
-    >>> [(e.text, e.target) for e in scene.expressions][1:3]
-    [('the cross', 0), ('the red circle', 1)]
+    Examples:
+        >>> scene = make_scene(np.random.default_rng(1), n_objects=3)
+        >>> scene.image.shape, scene.image.dtype, scene.masks.shape  # (h, w, rgb), (object, h, w)
+        ((64, 64, 3), dtype('uint8'), (3, 64, 64))
+        >>> scene.caption
+        'a small blue cross, a small red circle and a red triangle on a black background'
+        >>> [(e.text, e.target) for e in scene.expressions][1:3]
+        [('the cross', 0), ('the red circle', 1)]
     """
     objects, background, texture = _sample(
         rng, n_objects, image_size, sizes_px, p_same_colour, p_same_shape, p_texture, 1, 0
@@ -247,18 +249,19 @@ def make_video(
     p_texture: float = 0.5,
 ) -> Video:
     """Draw one video: every object moves by a constant whole-pixel velocity, never leaving the
-    canvas nor touching another object. The background stays still.
+    canvas nor touching another object. The background stays still. Other keywords are as in
+    :func:`make_scene`.
 
     Args:
         n_frames: number of frames (at least 2).
         max_speed: largest ``|dx|`` and ``|dy|`` in pixels per frame (at least 1); no object stands still.
-        others: as in :func:`make_scene`.
 
-    >>> video = make_video(np.random.default_rng(0), n_objects=2)
-    >>> video.frames.shape, video.masks.shape  # (frame, height, width, rgb), (frame, object, height, width)
-    ((4, 64, 64, 3), (4, 2, 64, 64))
-    >>> [o.velocity for o in video.objects]  # (dx, dy) pixels per frame
-    [(-3, -2), (3, 0)]
+    Examples:
+        >>> video = make_video(np.random.default_rng(0), n_objects=2)
+        >>> video.frames.shape, video.masks.shape  # (frame, h, w, rgb), (frame, object, h, w)
+        ((4, 64, 64, 3), (4, 2, 64, 64))
+        >>> [o.velocity for o in video.objects]  # (dx, dy) pixels per frame
+        [(-3, -2), (3, 0)]
     """
     _check_int("n_frames", n_frames, 2)
     _check_int("max_speed", max_speed, 1)
@@ -287,8 +290,9 @@ def split(name: str, n: int | None = None, *, start: int = 0, video: bool = Fals
         start: index of the first scene.
         video: yield :class:`Video` samples from the video variant of the split.
 
-    >>> [len(s.objects) for s in split("test", n=3)]
-    [4, 2, 4]
+    Examples:
+        >>> [len(s.objects) for s in split("test", n=3)]
+        [4, 2, 4]
     """
     n_scenes = _n_split_scenes(name, video)
     if n is not None:
@@ -310,8 +314,9 @@ def expressions(
             at most that count for ``"val"`` and ``"test"``.
         video: draw from the video variant of the split.
 
-    >>> [(e.text, e.kind, e.target) for _, e in expressions("test", n=2)]
-    [('the green circle', 'colour_shape', 0), ('the circle at the top', 'position', 0)]
+    Examples:
+        >>> [(e.text, e.kind, e.target) for _, e in expressions("test", n=2)]
+        [('the green circle', 'colour_shape', 0), ('the circle at the top', 'position', 0)]
     """
     _check_split(name)
     size = SPLITS[name]
@@ -328,9 +333,10 @@ def word_roles() -> dict[str, str]:
     """The role of every vocabulary word: ``"special"``, ``"stop"``, ``"punctuation"``, ``"colour"``
     (object and background colours), ``"shape"``, ``"size"``, ``"position"`` or ``"other"``.
 
-    >>> roles = word_roles()
-    >>> roles["the"], roles["red"], roles["ring"], roles["small"], roles["left"], roles["[PAD]"]
-    ('stop', 'colour', 'shape', 'size', 'position', 'special')
+    Examples:
+        >>> roles = word_roles()
+        >>> roles["the"], roles["red"], roles["ring"], roles["small"], roles["left"], roles["[PAD]"]
+        ('stop', 'colour', 'shape', 'size', 'position', 'special')
     """
     groups = {
         "special": SPECIAL_TOKENS,
@@ -353,12 +359,13 @@ def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
     pads with ``[PAD]`` (id 0) on the right to ``max_length`` (the tokenizer's ``model_max_length``).
     The longest caption takes 23 words, so the default 24 never truncates one.
 
-    >>> tok = build_tokenizer(max_length=8)
-    >>> enc = tok("The red circle, on the left", padding="max_length", truncation=True)
-    >>> tok.convert_ids_to_tokens(enc["input_ids"])
-    ['the', 'red', 'circle', ',', 'on', 'the', 'left', '[EOS]']
-    >>> tok("a ring", padding="max_length")["attention_mask"]
-    [1, 1, 1, 0, 0, 0, 0, 0]
+    Examples:
+        >>> tok = build_tokenizer(max_length=8)
+        >>> enc = tok("The red circle, on the left", padding="max_length", truncation=True)
+        >>> tok.convert_ids_to_tokens(enc["input_ids"])
+        ['the', 'red', 'circle', ',', 'on', 'the', 'left', '[EOS]']
+        >>> tok("a ring", padding="max_length")["attention_mask"]
+        [1, 1, 1, 0, 0, 0, 0, 0]
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
