@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from . import (
     accessor,  # noqa: F401  (registers the ds.attnlens accessor)
     analysis,
+    refam,
 )
 from .capture import CaptureSpec
 from .errors import AttnlensError
@@ -30,6 +31,7 @@ __all__ = [
     "label_tokens",
     "open_store",
     "redirect",
+    "refam",
     "supported_models",
     "suppress",
 ]

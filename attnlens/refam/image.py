@@ -1,0 +1,723 @@
+"""RefAM for images: a referring expression's attention in one noised forward, turned into a mask.
+
+:func:`segment` runs DESIGN.md §7 on one image, every step a named option of
+:class:`RefamOptions` with the default given there:
+
+1. **parse** the expression (:func:`~attnlens.refam.parse`): head noun, target phrase, spatial words;
+2. **prompt**: the expression (optionally inside ``caption``), then the appended magnets
+   (:func:`~attnlens.refam.build_prompt`);
+3. **encode** the image at the working resolution (FLUX: the VAE, then FLUX's 2×2 latent packing;
+   the embedded :class:`~attnlens.zoo.ShapesPipeline`: its pixel patches), noise it to flow time
+   ``t`` (``x_t = (1 − t)·x + t·ε``) and run one forward per ``forwards`` (no denoising loop);
+4. **capture** ``cross`` (image queries → text keys) on ``layers`` with :func:`attnlens.capture`.
+   **GAS handling**: the global attention sinks are found with
+   :func:`~attnlens.analysis.find_sinks` on a probe forward (``sinks="auto"``) or chosen by
+   ``sinks``; ``gas="suppress"`` drops their columns and renormalises inside the model
+   (:func:`attnlens.suppress`), ``gas="redirect"`` moves their mass onto the magnets
+   (:func:`attnlens.redirect`), ``gas="none"`` leaves them. Where the adapter cannot intervene,
+   the sink text columns are dropped from the captured rows and each row is renormalised instead;
+5. **aggregate** the target tokens' maps (summed over tokens: the mass the target words get),
+   averaged over heads, layers and forwards. **Magnet filtering** keeps stop words and magnets
+   out of that sum; switched off, their maps join it. A soft **spatial prior** (a linear ramp
+   from 1 at the named side to 0 at ``prior_extent`` of the image) multiplies the map;
+6. **points**: the ``n_points`` highest local maxima of the heatmap (positives) and, with
+   ``negatives > 0``, the strongest peaks where the magnets own more attention than the target;
+   **refinement**: Otsu's threshold, then the largest connected component; or, with a segmenter,
+   SAM (``transformers``' ``SamModel``) prompted with the points, its best-scoring mask.
+
+The heatmap and mask come back at the input image's size, whatever its size and mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from PIL import Image
+
+from ..errors import HookError, UnsupportedModelError
+from ..text import TokenLabels
+from .errors import RefamError, SegmenterMismatchError
+from .parse import ParsedExpression, parse
+from .prompts import DEFAULT_COLOUR, DEFAULT_MAGNETS, RefamPrompt, build_prompt
+
+__all__ = ["GAS_CHOICES", "RefamOptions", "RefamResult", "segment"]
+
+GAS_CHOICES = ("suppress", "redirect", "none")
+_COMPONENTS = ("largest", "peak")
+
+
+@dataclass(frozen=True)
+class RefamOptions:
+    """Every knob of :func:`segment`, with its default (REFAM.md gives the starting choices).
+
+    Attributes:
+        caption: a caption around the expression (``"a photo of {expression}"``); ``None``: the
+            expression alone.
+        magnets: appended stop words, ``("the", "of", "and")``: three (REFAM.md sweeps 1–10)
+            that every tokenizer of attnlens' models knows.
+        colour: the appended colour word, ``"white"`` (a spare one when the expression names it).
+        append_magnets: append the magnets (``False``: the "no appended magnets" ablation).
+        filter_magnets: keep stop words and magnets out of the aggregated maps (``False``: the
+            "no magnet filtering" ablation: their maps join the target's).
+        targets: ``"head"`` (the head noun, as Ref-Diff) or ``"phrase"`` (its content words).
+        parser: ``"auto"``, ``"rules"`` or ``"spacy"`` (see :func:`~attnlens.refam.parse`).
+        t: flow time of the single noised forward, 0.5 (the embedded model's grounding default;
+            REFAM.md sweeps 0.1–0.7).
+        forwards: forwards averaged, each with its own noise, 1.
+        seed: seed of the noise; the same seed gives the same mask.
+        resolution: working side in pixels (the image is resized to a square); ``None``: 1024 for
+            FLUX (its 64 × 64 token grid), the model's own size for the embedded ShapesPipeline.
+        max_sequence_length: FLUX's T5 length; ``None``: ``min(512, tokenizer.model_max_length)``.
+        guidance: FLUX guidance embedding for guidance-distilled models, 3.5 (the pipeline's).
+        layers: captured layers, as :attr:`attnlens.CaptureSpec.layers`; ``None``: all.
+        heads: head reduction of the capture, ``"mean"`` (Ref-Diff, DAAM) or ``"max"``.
+        gas: ``"suppress"`` (default), ``"redirect"`` or ``"none"`` (the "no GAS handling" ablation).
+        sinks: which keys are GAS: ``"auto"`` (:func:`~attnlens.analysis.find_sinks` on a probe
+            forward; the layers where they are found are intervened in), or a
+            :class:`~attnlens.interventions.TokenSelector` field mapping (``{"kind": "pad"}``) or
+            joint-sequence positions (every layer is intervened in).
+        spatial_prior: apply the spatial prior of the expression's spatial words.
+        prior_extent: share of the image over which the prior ramps from 1 to 0, 2/3 (Ref-Diff).
+        n_points: positive points, 1 (the argmax peak).
+        negatives: negative points from magnet-owned regions, 0.
+        refine: refine the thresholded heatmap (``False``: the "no refinement" ablation: Otsu's
+            threshold of the heatmap, nothing else, also when a segmenter is given).
+        component: which connected component the threshold refiner keeps: ``"largest"`` or
+            ``"peak"`` (the one holding the strongest positive point).
+    """
+
+    caption: str | None = None
+    magnets: tuple[str, ...] = DEFAULT_MAGNETS
+    colour: str | None = DEFAULT_COLOUR
+    append_magnets: bool = True
+    filter_magnets: bool = True
+    targets: str = "head"
+    parser: str = "auto"
+    t: float = 0.5
+    forwards: int = 1
+    seed: int = 0
+    resolution: int | None = None
+    max_sequence_length: int | None = None
+    guidance: float = 3.5
+    layers: Any = None
+    heads: str = "mean"
+    gas: str = "suppress"
+    sinks: Any = "auto"
+    spatial_prior: bool = True
+    prior_extent: float = 2 / 3
+    n_points: int = 1
+    negatives: int = 0
+    refine: bool = True
+    component: str = "largest"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "magnets", tuple(str(m) for m in self.magnets))
+        if self.gas not in GAS_CHOICES:
+            raise ValueError(f"unknown gas={self.gas!r}: use one of {', '.join(GAS_CHOICES)}")
+        if self.component not in _COMPONENTS:
+            raise ValueError(f"unknown component={self.component!r}: use one of {', '.join(_COMPONENTS)}")
+        if self.heads not in ("mean", "max"):
+            raise ValueError(f"unknown heads={self.heads!r}: use 'mean' or 'max'")
+        if not 0.0 <= float(self.t) <= 1.0:
+            raise ValueError(f"t={self.t} lies outside the flow time range [0, 1]")
+        if not 0.0 < float(self.prior_extent) <= 1.0:
+            raise ValueError(f"prior_extent={self.prior_extent} must lie in (0, 1]")
+        for name in ("forwards", "n_points"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if int(self.negatives) < 0:
+            raise ValueError(f"negatives must be 0 or more; got {self.negatives}")
+
+
+@dataclass
+class RefamResult:
+    """What :func:`segment` found, and what lies behind it.
+
+    Attributes:
+        mask: ``(H, W)`` bool at the input image's size.
+        heatmap: ``(H, W)`` float32 in ``[0, 1]`` at the input size (the prior applied).
+        points: ``(n, 2)`` float ``(x, y)`` pixel coordinates in the input image.
+        point_labels: ``(n,)`` int, 1 for a positive point, 0 for a negative one.
+        maps: the intermediate maps on the token grid: ``target`` ``(layer, y, x)`` (the target
+            words' attention per layer), ``magnet`` ``(y, x)`` (the magnets'), ``aggregate``
+            ``(y, x)`` (before the prior), ``prior`` ``(y, x)``, ``heatmap`` ``(y, x)``.
+        prompt: the :class:`~attnlens.refam.RefamPrompt` used.
+        expression: the :class:`~attnlens.refam.ParsedExpression`.
+        options: the :class:`RefamOptions` as a dict.
+        info: what actually ran: ``gas_applied`` (``suppress``/``redirect``/``filter``/``none``),
+            ``sinks`` (joint positions), ``sink_layers``, ``refiner``, ``resolution``, ``grid``.
+    """
+
+    mask: np.ndarray
+    heatmap: np.ndarray
+    points: np.ndarray
+    point_labels: np.ndarray
+    maps: xr.Dataset
+    prompt: RefamPrompt
+    expression: ParsedExpression
+    options: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- input images ------------------------------------------------------------------------------------
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    """A PIL image or array (``(H, W)``, ``(H, W, 1|3|4)``, uint8 or float in [0, 1]) → ``(H, W, 3)`` uint8.
+
+    Arrays are channels-last (a ``(3, H, W)`` tensor is read as a 3-row image with W channels and refused).
+
+    RGBA drops its alpha channel (the colours are what the model sees).
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or min(arr.shape[:2]) < 1:
+        raise RefamError(
+            f"an image is (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with H, W ≥ 1, or a PIL image; "
+            f"got an array of shape {arr.shape}"
+        )
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise RefamError("the image holds NaN or infinite values")
+        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1], or already 0–255
+        arr = np.clip(np.round(arr * scale), 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return np.array(arr[..., :3])  # a writable copy: torch refuses read-only buffers
+
+
+def _resized(rgb: np.ndarray, side: int) -> np.ndarray:
+    if rgb.shape[:2] == (side, side):
+        return rgb
+    return np.array(Image.fromarray(rgb).resize((side, side), Image.Resampling.BICUBIC))
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+class _Backend:
+    """One model family: its tokenizer, working size, and one noised forward."""
+
+    transformer: torch.nn.Module
+    tokenizer: Any
+    max_length: int
+    side: int
+
+    def forward(self, rgb: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+        raise NotImplementedError
+
+
+class _ShapesBackend(_Backend):
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        size = pipe.config.image_size
+        if options.resolution not in (None, size):
+            raise RefamError(
+                f"the ShapesPipeline works at {size} × {size} pixels only; leave resolution=None"
+            )
+        self.pipe, self.transformer, self.tokenizer = pipe, pipe.transformer, pipe.tokenizer
+        self.max_length, self.side = pipe.config.max_length, size
+
+    @torch.no_grad()
+    def forward(self, rgb: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+        pipe = self.pipe
+        x_t = pipe.noised_tokens(rgb[None], t, generator=torch.Generator().manual_seed(seed))
+        text = pipe.text_encoder(torch.tensor([prompt.input_ids], device=pipe.device))
+        pipe.velocity(x_t, torch.full((1,), float(t), device=pipe.device), text)
+
+
+class _FluxBackend(_Backend):
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        self.pipe, self.transformer, self.tokenizer = pipe, pipe.transformer, pipe.tokenizer_2
+        self.options = options
+        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
+        self.max_length = options.max_sequence_length or min(512, limit)
+        step = pipe.vae_scale_factor * 2  # one token covers 2 × 2 latents
+        side = options.resolution or 1024
+        self.side = max(step, round(side / step) * step)
+
+    @torch.no_grad()
+    def forward(self, rgb: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+        pipe, vae = self.pipe, self.pipe.vae
+        device, dtype = pipe.transformer.device, pipe.transformer.dtype
+        pixels = torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        packed = pipe._pack_latents(latents, b, c, h, w).to(device, dtype)
+        noise = torch.randn(packed.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        x_t = (1 - t) * packed + t * noise
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt.text, prompt_2=prompt.text, device=device, max_sequence_length=self.max_length
+        )
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((1,), float(self.options.guidance), device=device)
+        pipe.transformer(
+            hidden_states=x_t,
+            timestep=torch.full((1,), float(t), device=device, dtype=dtype),
+            guidance=guidance,
+            pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
+            txt_ids=text_ids,
+            img_ids=pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype),
+            return_dict=False,
+        )
+
+
+def _backend(model: Any, options: RefamOptions) -> _Backend:
+    from ..zoo.shapes import ShapesPipeline
+
+    if isinstance(model, str):
+        from .. import zoo
+
+        model = zoo.load(model)
+    if isinstance(model, ShapesPipeline):
+        return _ShapesBackend(model, options)
+    try:
+        from diffusers import FluxPipeline
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        FluxPipeline = ()
+    if isinstance(model, FluxPipeline):
+        return _FluxBackend(model, options)
+    raise UnsupportedModelError(
+        f"refam.segment takes a diffusers FluxPipeline, an attnlens ShapesPipeline or a zoo model name; "
+        f"got {type(model).__name__}"
+    )
+
+
+# -- segmenters --------------------------------------------------------------------------------------
+
+Segmenter = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _sam(model: Any, processor: Any) -> Segmenter:
+    from transformers import SamModel, SamProcessor
+
+    if not isinstance(model, SamModel) or not isinstance(processor, SamProcessor):
+        raise SegmenterMismatchError(
+            f"segmenter=(model, processor) takes a transformers SamModel and SamProcessor; got "
+            f"({type(model).__name__}, {type(processor).__name__})"
+        )
+    size = model.config.vision_config.image_size
+    pad = getattr(processor.image_processor, "pad_size", None) or {}
+    if pad and (pad.get("height"), pad.get("width")) != (size, size):
+        raise SegmenterMismatchError(
+            f"the SamProcessor pads images to {pad.get('height')} × {pad.get('width')}, but the SamModel's "
+            f"vision encoder takes {size} × {size}: use the processor saved with the model"
+        )
+
+    @torch.no_grad()
+    def run(rgb: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        inputs = processor(
+            images=Image.fromarray(rgb),
+            input_points=[points.tolist()],
+            input_labels=[labels.tolist()],
+            return_tensors="pt",
+        ).to(model.device)
+        out = model(**inputs, multimask_output=True)
+        masks = processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
+        )[0][0]  # (candidates, H, W)
+        return masks[int(out.iou_scores[0, 0].argmax())].numpy().astype(bool)
+
+    return run
+
+
+def _segmenter(segmenter: Any) -> Segmenter | None:
+    if segmenter is None:
+        return None
+    if isinstance(segmenter, tuple | list) and len(segmenter) == 2:
+        return _sam(*segmenter)
+    if callable(segmenter) and not isinstance(segmenter, torch.nn.Module):
+        return segmenter
+    raise SegmenterMismatchError(
+        f"a segmenter is a (SamModel, SamProcessor) pair or a callable (image (H, W, 3) uint8, points "
+        f"(n, 2) xy, labels (n,)) -> (H, W) bool mask; got {type(segmenter).__name__}"
+        + (" (give its processor too: segmenter=(model, processor))" if callable(segmenter) else "")
+    )
+
+
+# -- steps -------------------------------------------------------------------------------------------
+
+
+def _selector(sinks: Any) -> dict[str, Any]:
+    if isinstance(sinks, dict):
+        return dict(sinks)
+    if hasattr(sinks, "describe"):  # a TokenSelector
+        return {name: getattr(sinks, name) for name in ("tokens", "kind", "word", "positions")}
+    values = list(sinks)
+    if not all(isinstance(v, int | np.integer) for v in values):
+        raise ValueError(f"sinks is 'auto', a TokenSelector mapping or joint positions; got {sinks!r}")
+    return {"positions": [int(v) for v in values]}
+
+
+def _find_gas(backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions) -> tuple:
+    """GAS of a probe forward: ``(joint positions of the GAS keys, names of the layers holding them)``."""
+    from .. import capture
+    from ..analysis import find_sinks
+
+    with capture(backend.transformer, keep="key_mass", labels=[prompt.labels]) as cap:
+        backend.forward(rgb, prompt, options.t, options.seed)
+    ds = cap.result
+    gas = find_sinks(ds)["gas"].reduce(np.any, dim=("sample", "step")).values  # (layer, key)
+    keys = np.asarray(ds["key"].values)
+    layers = [str(n) for n, hit in zip(ds["layer"].values, gas.any(axis=1), strict=True) if hit]
+    return [int(k) for k in keys[gas.any(axis=0)]], layers
+
+
+def _intervention(
+    backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions, info: dict[str, Any]
+) -> Any:
+    """The :func:`attnlens.suppress` / :func:`attnlens.redirect` of ``options.gas``, or ``None``."""
+    from .. import redirect, suppress
+
+    if options.gas == "none":
+        return None
+    # FLUX joint sequences put the text first: a text position is its joint position
+    magnet_joint = {int(p) for p in prompt.magnet}
+    if options.sinks == "auto":
+        positions, layers = _find_gas(backend, rgb, prompt, options)
+        info["sink_layers"] = layers
+        if options.gas == "redirect":
+            positions = [p for p in positions if p not in magnet_joint]  # the receivers cannot also give
+        info["sinks"] = positions
+        if not positions:
+            return None
+        select: dict[str, Any] = {"positions": positions}
+        layer_sel: Any = layers
+    else:
+        select, layer_sel = _selector(options.sinks), None
+        info["sinks"] = select
+    if options.gas == "suppress":
+        return suppress(**select, layers=layer_sel)
+    onto = {"kind": "magnet"} if len(prompt.magnet) else {"kind": "stop"}
+    kinds = set(prompt.labels.token_kind.tolist())
+    if onto["kind"] not in kinds:
+        raise RefamError(
+            "gas='redirect' moves the sinks' attention onto the magnets, and this prompt has neither "
+            "magnets nor stop words: append magnets or use gas='suppress'"
+        )
+    return redirect(**select, onto=onto, layers=layer_sel)
+
+
+def _capture_cross(
+    backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions, intervene: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], bool]:
+    """``(cross (layer, query, key_text) averaged over forwards, y, x, layer names, intervened)``."""
+    from .. import capture
+
+    total, intervened = None, intervene is not None
+    for i in range(options.forwards):
+        kwargs = dict(keep="cross", layers=options.layers, heads=options.heads, labels=[prompt.labels])
+        try:
+            cap = capture(backend.transformer, intervene=intervene, **kwargs)
+        except HookError:
+            if intervene is None:
+                raise
+            intervened, intervene = (
+                False,
+                None,
+            )  # the adapter cannot intervene: filter the sink columns instead
+            cap = capture(backend.transformer, **kwargs)
+        with cap:
+            backend.forward(rgb, prompt, options.t, options.seed + i)
+        ds = cap.result
+        cross = ds["cross"].isel(sample=0, step=0, head=0).transpose("layer", "query", "key_text").values
+        total = cross.astype(np.float64) if total is None else total + cross
+    y, x = (np.asarray(ds[c].values).astype(int) for c in ("y", "x"))
+    return total / options.forwards, y, x, [str(n) for n in ds["layer"].values], intervened
+
+
+def _grid(values: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``(..., query)`` → ``(..., y, x)``."""
+    out = np.zeros((*values.shape[:-1], y.max() + 1, x.max() + 1), dtype=np.float64)
+    out[..., y, x] = values
+    return out
+
+
+def spatial_prior(directions: Sequence[str], shape: tuple[int, int], extent: float = 2 / 3) -> np.ndarray:
+    """The soft prior of spatial directions on a ``(h, w)`` grid: a product of linear ramps, ``(h, w)``.
+
+    ``left`` is 1 at the left edge and falls linearly to 0 at ``extent`` of the width; ``right``,
+    ``top``, ``bottom`` alike; ``middle`` falls from 1 at the vertical centre line to 0 at
+    ``extent / 2`` of the width from it, both ways (referring "middle" is mostly horizontal).
+    ``near``/``far`` (depth) give no prior.
+
+    >>> spatial_prior(["left"], (1, 4), extent=1.0).round(3).tolist()
+    [[1.0, 0.667, 0.333, 0.0]]
+    """
+    h, w = shape
+    u = np.linspace(0.0, 1.0, w)[None, :] if w > 1 else np.zeros((1, 1))
+    v = np.linspace(0.0, 1.0, h)[:, None] if h > 1 else np.zeros((1, 1))
+    prior = np.ones((h, w))
+    ramps = {
+        "left": lambda: 1 - u / extent,
+        "right": lambda: 1 - (1 - u) / extent,
+        "top": lambda: 1 - v / extent,
+        "bottom": lambda: 1 - (1 - v) / extent,
+        "middle": lambda: 1 - np.abs(u - 0.5) / (extent / 2),
+    }
+    for d in directions:
+        if d in ramps:
+            prior = prior * np.clip(ramps[d](), 0.0, 1.0)
+    return prior
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of ``values`` (any shape); the minimum when they are constant.
+
+    >>> otsu_threshold(np.array([0.0, 0.1, 0.9, 1.0])) < 0.9
+    True
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    # the threshold is the right edge of the best class split, so that the top class is never empty
+    return float(edges[int(np.argmax(w0 * w1 * (m0 - m1) ** 2)) + 1])
+
+
+def _peaks(values: np.ndarray, k: int, exclude: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """The ``k`` highest local maxima (3 × 3) of a ``(h, w)`` map as ``(row, col)``, highest first."""
+    from scipy import ndimage
+
+    v = values.astype(np.float64).copy()
+    if exclude is not None:
+        v[exclude] = -np.inf
+    local = (v == ndimage.maximum_filter(v, size=3, mode="nearest")) & np.isfinite(v)
+    order = np.argsort(-v, axis=None, kind="stable")
+    rows, cols = np.unravel_index(order, v.shape)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if local[r, c]][:k]
+
+
+def _upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.as_tensor(grid, dtype=torch.float32)[None, None]
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _threshold_refine(heat: np.ndarray, component: str, peak: tuple[float, float] | None) -> np.ndarray:
+    from scipy import ndimage
+
+    mask = heat >= otsu_threshold(heat)
+    labelled, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    if component == "peak" and peak is not None:
+        r = min(int(peak[1]), heat.shape[0] - 1)
+        c = min(int(peak[0]), heat.shape[1] - 1)
+        if labelled[r, c]:
+            return labelled == labelled[r, c]
+    sizes = np.bincount(labelled.ravel())[1:]
+    return labelled == (int(np.argmax(sizes)) + 1)
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
+def segment(
+    image: Any,
+    expression: str,
+    model: Any = "shapes-flux",
+    segmenter: Any = None,
+    **options: Any,
+) -> RefamResult:
+    """Segment the object a referring expression names, from a diffusion transformer's attention.
+
+    Args:
+        image: a PIL image or array, ``(H, W)`` grey, ``(H, W, 1|3|4)``, uint8 or float in
+            ``[0, 1]``, any size (resized to the working resolution; RGBA drops alpha).
+        expression: e.g. ``"the red mug on the left"``.
+        model: a loaded diffusers ``FluxPipeline``, a :class:`~attnlens.zoo.ShapesPipeline`, or
+            a zoo name for :func:`attnlens.zoo.load`.
+        segmenter: ``None`` (threshold refiner), a ``(SamModel, SamProcessor)`` pair from
+            ``transformers``, or a callable ``(image (H, W, 3) uint8, points (n, 2) xy,
+            labels (n,)) -> (H, W) bool``.
+        **options: fields of :class:`RefamOptions`.
+
+    Returns:
+        a :class:`RefamResult`; ``mask`` and ``heatmap`` are ``(H, W)``, the input's size.
+
+    Raises:
+        EmptyExpressionError, NoNounError: the expression names nothing to segment.
+        SegmenterMismatchError: the segmenter is not usable, or returned a mask of another size.
+        UnsupportedModelError: the model is none of the above (or the zoo name is not shipped).
+    """
+    fields = {f.name for f in dataclasses.fields(RefamOptions)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"unknown RefAM option(s) {unknown}; options: {', '.join(sorted(fields))}")
+    opts = RefamOptions(**options)
+    parsed = parse(expression, parser=opts.parser)
+    segment_fn = _segmenter(segmenter)
+    rgb = _as_rgb(image)
+    height, width = rgb.shape[:2]
+    backend = _backend(model, opts)
+    prompt = build_prompt(
+        parsed,
+        backend.tokenizer,
+        max_length=backend.max_length,
+        caption=opts.caption,
+        magnets=opts.magnets,
+        colour=opts.colour,
+        append=opts.append_magnets,
+        targets=opts.targets,
+    )
+    work = _resized(rgb, backend.side)
+    info: dict[str, Any] = {
+        "resolution": backend.side,
+        "parser": parsed.parser,
+        "sinks": [],
+        "sink_layers": [],
+    }
+
+    intervene = _intervention(backend, work, prompt, opts, info)
+    cross, ys, xs, layer_names, intervened = _capture_cross(backend, work, prompt, opts, intervene)
+    if intervene is None:
+        info["gas_applied"] = "none" if opts.gas == "none" else "none (no GAS found)"
+    else:
+        info["gas_applied"] = opts.gas if intervened else "filter"
+    if info["gas_applied"] == "filter":
+        cross = _filter_sinks(cross, intervene.select, prompt.labels)
+
+    maps = _aggregate(cross, ys, xs, layer_names, prompt, parsed, opts)
+    info["grid"] = tuple(maps["heatmap"].shape)
+    heat = _upsample(maps["heatmap"].values, (height, width))
+    heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
+
+    points, labels = _points(maps, opts, (height, width))
+    if not opts.refine:
+        mask, info["refiner"] = heat >= otsu_threshold(heat), "threshold only"
+    elif segment_fn is None:
+        mask = _threshold_refine(heat, opts.component, tuple(points[0]) if len(points) else None)
+        info["refiner"] = f"otsu + {opts.component} component"
+    else:
+        mask = np.asarray(segment_fn(rgb, points, labels))
+        if mask.shape != (height, width):
+            raise SegmenterMismatchError(
+                f"the segmenter returned a mask of shape {mask.shape} for an image of {(height, width)}"
+            )
+        mask, info["refiner"] = mask.astype(bool), "segmenter"
+        if not mask.any():  # never hand back a silent empty mask: fall back to the threshold refiner
+            mask = _threshold_refine(heat, opts.component, tuple(points[0]) if len(points) else None)
+            info["refiner"] = "segmenter (empty) → otsu"
+    return RefamResult(
+        mask=mask,
+        heatmap=heat,
+        points=points,
+        point_labels=labels,
+        maps=maps,
+        prompt=prompt,
+        expression=parsed,
+        options=dataclasses.asdict(opts),
+        info=info,
+    )
+
+
+def _filter_sinks(cross: np.ndarray, select: Any, labels: TokenLabels) -> np.ndarray:
+    """Drop sink text columns from captured rows ``(layer, query, key_text)`` and renormalise each row.
+
+    The post-hoc form of :func:`attnlens.suppress` for adapters that cannot intervene: rows lose
+    the sinks' mass ``m_q`` and are divided by ``1 − m_q``; text positions are joint positions
+    (FLUX puts the text first), and token kinds select as in :class:`TokenSelector`.
+    """
+    n_text = cross.shape[-1]
+    drop = np.zeros(n_text, dtype=bool)
+    for p in select.positions:
+        if 0 <= p < n_text:
+            drop[p] = True
+    kinds = np.asarray(labels.token_kind, dtype=object)
+    drop |= np.isin(kinds, [k for k in select.kind if k not in ("text", "image")])
+    if "text" in select.kind:
+        drop[:] = True
+    if not drop.any() or drop.all():
+        return cross
+    moved = cross[..., drop].sum(axis=-1, keepdims=True)
+    out = cross.copy()
+    out[..., drop] = 0.0
+    return out / np.clip(1.0 - moved, 1e-6, None)
+
+
+def _aggregate(
+    cross: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    layer_names: list[str],
+    prompt: RefamPrompt,
+    parsed: ParsedExpression,
+    opts: RefamOptions,
+) -> xr.Dataset:
+    """Target, magnet, aggregate, prior and heatmap maps on the token grid."""
+    kinds = np.asarray(prompt.labels.token_kind, dtype=object)
+    words = set(range(len(kinds)))
+    chosen = set(prompt.target.tolist())
+    if not opts.filter_magnets:  # the ablation: stop words and magnets add their maps to the target's
+        chosen |= {i for i in words if kinds[i] in ("stop", "magnet")}
+    columns = sorted(chosen)
+    target = _grid(cross[..., columns].sum(axis=-1), ys, xs)  # (layer, y, x)
+    magnet = (
+        _grid(cross[..., prompt.magnet].sum(axis=-1).mean(axis=0), ys, xs) if len(prompt.magnet) else None
+    )
+    aggregate = target.mean(axis=0)
+    shape = aggregate.shape
+    prior = (
+        spatial_prior(parsed.directions, shape, opts.prior_extent) if opts.spatial_prior else np.ones(shape)
+    )
+    heat = aggregate * prior
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    dims = ("y", "x")
+    data = {
+        "target": (("layer", *dims), target),
+        "aggregate": (dims, aggregate),
+        "prior": (dims, prior),
+        "heatmap": (dims, heat),
+    }
+    if magnet is not None:
+        data["magnet"] = (dims, magnet)
+    return xr.Dataset(
+        data,
+        coords={"layer": layer_names, "y": np.arange(shape[0]), "x": np.arange(shape[1])},
+        attrs={"aggregated_positions": columns, "target_words": list(prompt.target_words)},
+    )
+
+
+def _points(maps: xr.Dataset, opts: RefamOptions, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Positive peaks of the heatmap, negatives where the magnets own more attention; in input pixels."""
+    heat = maps["heatmap"].values
+    gy, gx = heat.shape
+    cells = _peaks(heat, opts.n_points)
+    labels = [1] * len(cells)
+    if opts.negatives:
+        if "magnet" in maps:
+            m = maps["magnet"].values
+            m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
+            owned = np.where(m > heat, m - heat, -np.inf)
+        else:  # no magnets: the coldest cells
+            owned = 1.0 - heat
+        taken = np.zeros_like(heat, dtype=bool)
+        for r, c in cells:
+            taken[r, c] = True
+        negatives = _peaks(owned, opts.negatives, exclude=taken | ~np.isfinite(owned))
+        cells += negatives
+        labels += [0] * len(negatives)
+    h, w = size
+    xy = np.array([[(c + 0.5) * w / gx, (r + 0.5) * h / gy] for r, c in cells], dtype=np.float64)
+    return xy.reshape(-1, 2), np.array(labels, dtype=np.int64)

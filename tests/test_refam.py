@@ -1,0 +1,383 @@
+"""RefAM: parsing, prompts with magnets, and segment() end to end on tiny FLUX and ShapesRef models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+import attnlens
+from attnlens import refam
+from attnlens.datasets import shapesref
+from attnlens.errors import AttnlensError, UnsupportedModelError
+from attnlens.refam.image import _filter_sinks
+from attnlens.testing import tiny_flux_pipeline, tiny_t5_tokenizer
+from attnlens.text import TruncationWarning
+from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
+
+EXPRESSION = "the red circle on the left"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    config = ShapesConfig(
+        num_layers=1,
+        num_single_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        vocab_size=len(shapesref.VOCAB),
+    )
+    return ShapesPipeline.untrained(config)
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return tiny_flux_pipeline(num_layers=1, num_single_layers=1)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return shapesref.make_scene(np.random.default_rng(0), n_objects=2).image  # (64, 64, 3) uint8
+
+
+@pytest.fixture(scope="module")
+def odd():
+    return (np.random.default_rng(1).random((88, 118, 3)) * 255).astype(np.uint8)
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+PARSES = [
+    # expression, head, phrase, directions
+    ("The small red mug on the left", "mug", ("small", "red", "mug"), ("left",)),
+    ("the man in red on the right", "man", ("man",), ("right",)),
+    ("a cat sitting next to the blue cup", "cat", ("cat",), ()),
+    ("the bottom shelf", "shelf", ("bottom", "shelf"), ("bottom",)),
+    ("large green triangle at the top", "triangle", ("large", "green", "triangle"), ("top",)),
+    ("dog", "dog", ("dog",), ()),
+    ("the leftmost car, closest to the camera", "car", ("leftmost", "car"), ("left", "near")),
+    ("middle tree with white flowers", "tree", ("middle", "tree"), ("middle",)),
+    ("the red-haired girl", "girl", ("red-haired", "girl"), ()),
+]
+
+
+@pytest.mark.parametrize(("expression", "head", "phrase", "directions"), PARSES)
+def test_rule_parser(expression, head, phrase, directions):
+    p = refam.parse(expression, parser="rules")
+    assert (p.head, p.phrase, p.directions, p.parser) == (head, phrase, directions, "rules")
+    assert p.head not in p.modifiers
+
+
+@pytest.mark.parametrize("expression", ["", "   ", "?!", None, 3])
+def test_empty_expressions_are_refused(expression):
+    with pytest.raises(refam.EmptyExpressionError, match="expression"):
+        refam.parse(expression, parser="rules")
+
+
+@pytest.mark.parametrize("expression", ["on the left", "the red one", "the second from the top"])
+def test_expressions_without_a_noun_are_refused(expression):
+    with pytest.raises(refam.NoNounError, match="no noun"):
+        refam.parse(expression, parser="rules")
+
+
+def test_unknown_parser_and_missing_spacy():
+    with pytest.raises(ValueError, match="unknown parser"):
+        refam.parse("the mug", parser="nltk")
+    if refam.parse("the mug").parser == "rules":  # spaCy's model is not installed here
+        with pytest.raises(ImportError, match="spaCy"):
+            refam.parse("the mug", parser="spacy")
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+
+
+def test_magnets_are_appended_and_located():
+    tok = tiny_t5_tokenizer()
+    p = refam.build_prompt("the red mug on the left", tok, max_length=16)
+    assert p.text == "the red mug on the left the of and white"
+    assert p.magnets == ("the", "of", "and", "white")
+    assert [p.labels.token_str[i] for i in p.target] == ["▁mug"]
+    assert p.magnet.tolist() == [6, 7, 8, 9]
+    assert set(p.labels.token_kind[p.magnet]) == {"magnet"}
+    assert p.text[p.expression_span[0] : p.expression_span[1]] == "the red mug on the left"
+    # the expression's own "the" is a stop word, not a magnet
+    assert p.labels.token_kind[0] == "stop"
+
+
+def test_prompt_variants():
+    tok = tiny_t5_tokenizer(model_max_length=24)
+    bare = refam.build_prompt("the white cat", tok, max_length=24, append=False)
+    assert (bare.text, bare.magnets, bare.magnet.size) == ("the white cat", (), 0)
+    swapped = refam.build_prompt("the white cat", tok, max_length=24, magnets=["a"])
+    assert swapped.magnets == ("a", "black")  # the colour magnet is never a word of the expression
+    phrase = refam.build_prompt("the small red cup", tok, max_length=24, targets="phrase", colour=None)
+    assert [phrase.labels.word[i] for i in phrase.target] == ["small", "red", "cup"]
+    captioned = refam.build_prompt("the cat", tok, max_length=24, caption="a photo of {expression} by a tree")
+    assert captioned.text.startswith("a photo of the cat by a tree ")
+    assert [captioned.labels.word[i] for i in captioned.target] == ["cat"]
+    assert refam.compose("the cat", caption="a photo", magnets=()) == (
+        "a photo, the cat white",
+        (9, 16),
+        17,
+        ("white",),
+    )
+    with pytest.raises(refam.RefamError, match="max_length"), pytest.warns(TruncationWarning):
+        refam.build_prompt(
+            "the cat", tok, max_length=4, caption="a photo of a dog and a big old tree by {expression}"
+        )
+    with pytest.raises(ValueError, match="targets"):
+        refam.build_prompt("the cat", tok, max_length=24, targets="all")
+
+
+# -- segment: end to end -----------------------------------------------------------------------------
+
+
+def test_flux_end_to_end(flux_pipe, odd):
+    r = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, negatives=1)
+    assert r.mask.shape == r.heatmap.shape == (88, 118)
+    assert r.mask.dtype == bool and r.heatmap.dtype == np.float32
+    assert r.mask.any() and not r.mask.all()
+    assert r.heatmap.min() >= 0.0 and r.heatmap.max() <= 1.0
+    assert r.points.shape == (2, 2) and r.point_labels.tolist() == [1, 0]
+    assert (r.points >= 0).all() and (r.points[:, 0] <= 118).all() and (r.points[:, 1] <= 88).all()
+    assert r.maps["target"].dims == ("layer", "y", "x")
+    assert list(r.maps.layer.values) == ["double.0", "single.0"]
+    assert r.maps["heatmap"].shape == (8, 8)  # 32 px → 16 × 16 latents → 8 × 8 tokens
+    assert r.info["resolution"] == 32 and r.info["gas_applied"].startswith(("suppress", "none"))
+    assert r.options["t"] == 0.5 and r.options["gas"] == "suppress"
+    assert r.expression.head == "mug" and r.prompt.magnets == ("the", "of", "and", "white")
+    # the prior of "left": the heatmap's right edge is cold
+    assert float(r.maps["prior"][:, -1].max()) == 0.0 and float(r.maps["heatmap"][:, -1].max()) == 0.0
+    again = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, negatives=1)
+    assert np.array_equal(again.mask, r.mask) and np.array_equal(again.heatmap, r.heatmap)
+    other = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, seed=1)
+    assert not np.array_equal(other.heatmap, r.heatmap)
+
+
+def test_flux_gas_interventions_change_the_maps(flux_pipe, odd):
+    def run(**kw):
+        return refam.segment(odd, "the cat", model=flux_pipe, resolution=32, spatial_prior=False, **kw)
+
+    plain = run(gas="none")
+    suppressed = run(gas="suppress", sinks={"kind": "pad"})
+    redirected = run(gas="redirect", sinks={"kind": "pad"})
+    assert (plain.info["gas_applied"], suppressed.info["gas_applied"]) == ("none", "suppress")
+    assert redirected.info["gas_applied"] == "redirect"
+    a, b, c = (r.maps["aggregate"].values for r in (plain, suppressed, redirected))
+    assert not np.allclose(a, b) and not np.allclose(b, c) and not np.allclose(a, c)
+
+
+def test_shapes_end_to_end_and_deterministic(shapes, scene):
+    r = refam.segment(scene, EXPRESSION, model=shapes)
+    assert r.mask.shape == (64, 64) and r.info["resolution"] == 64 and r.maps["heatmap"].shape == (8, 8)
+    assert r.points.shape == (1, 2) and r.point_labels.tolist() == [1]
+    assert ndimage.label(r.mask)[1] == 1  # the refiner keeps one connected component
+    again = refam.segment(scene, EXPRESSION, model=shapes)
+    assert np.array_equal(r.mask, again.mask) and np.array_equal(r.heatmap, again.heatmap)
+    two = refam.segment(scene, EXPRESSION, model=shapes, forwards=2)
+    assert not np.allclose(two.maps["aggregate"].values, r.maps["aggregate"].values)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        pytest.param(np.full((88, 118), 200, dtype=np.uint8), id="grey"),
+        pytest.param(np.zeros((88, 118, 4), dtype=np.uint8) + 90, id="rgba"),
+        pytest.param(Image.new("LA", (118, 88), (40, 255)), id="pil-la"),
+        pytest.param(np.random.default_rng(2).random((3, 5, 1)), id="tiny-float"),
+        pytest.param(np.zeros((900, 1300, 3), dtype=np.uint8), id="large"),
+    ],
+)
+def test_any_image_size_and_mode(shapes, image):
+    r = refam.segment(image, EXPRESSION, model=shapes)
+    size = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
+    assert r.mask.shape == r.heatmap.shape == size
+    assert r.mask.any()  # never a silent empty mask, even on a blank image
+
+
+def test_bad_images_are_refused(shapes):
+    with pytest.raises(refam.RefamError, match="image"):
+        refam.segment(np.zeros((0, 4, 3), dtype=np.uint8), EXPRESSION, model=shapes)
+    with pytest.raises(refam.RefamError, match="image"):
+        refam.segment(np.zeros((4, 4, 2), dtype=np.uint8), EXPRESSION, model=shapes)
+    with pytest.raises(refam.RefamError, match="NaN"):
+        refam.segment(np.full((4, 4), np.nan), EXPRESSION, model=shapes)
+    with pytest.raises(refam.RefamError, match="resolution"):
+        refam.segment(np.zeros((4, 4), dtype=np.uint8), EXPRESSION, model=shapes, resolution=32)
+
+
+# -- ablations ---------------------------------------------------------------------------------------
+
+
+def test_ablation_no_appended_magnets(shapes, scene):
+    full = refam.segment(scene, EXPRESSION, model=shapes)
+    bare = refam.segment(scene, EXPRESSION, model=shapes, append_magnets=False)
+    assert full.prompt.magnet.size == 4 and "magnet" in full.maps
+    assert bare.prompt.magnet.size == 0 and bare.prompt.text == EXPRESSION and "magnet" not in bare.maps
+    assert not np.allclose(full.maps["aggregate"].values, bare.maps["aggregate"].values)
+
+
+def test_ablation_no_magnet_filtering(shapes, scene):
+    full = refam.segment(scene, EXPRESSION, model=shapes)
+    unfiltered = refam.segment(scene, EXPRESSION, model=shapes, filter_magnets=False)
+    assert full.maps.attrs["aggregated_positions"] == full.prompt.target.tolist()
+    kinds = unfiltered.prompt.labels.token_kind
+    extra = set(unfiltered.maps.attrs["aggregated_positions"]) - set(full.prompt.target.tolist())
+    assert set(full.prompt.magnet.tolist()) <= extra and {kinds[i] for i in extra} == {"stop", "magnet"}
+    assert not np.allclose(full.maps["aggregate"].values, unfiltered.maps["aggregate"].values)
+    # the same forward: only the aggregation differs
+    np.testing.assert_array_equal(full.maps["magnet"].values, unfiltered.maps["magnet"].values)
+
+
+def test_ablation_no_gas_handling(shapes, scene):
+    handled = refam.segment(scene, EXPRESSION, model=shapes, sinks={"kind": "pad"})
+    ablated = refam.segment(scene, EXPRESSION, model=shapes, sinks={"kind": "pad"}, gas="none")
+    assert handled.info["gas_applied"] == "suppress" and ablated.info["gas_applied"] == "none"
+    assert not np.allclose(handled.maps["aggregate"].values, ablated.maps["aggregate"].values)
+    auto = refam.segment(scene, EXPRESSION, model=shapes)  # find_sinks on a probe forward
+    assert isinstance(auto.info["sinks"], list) and isinstance(auto.info["sink_layers"], list)
+
+
+def test_ablation_no_refinement(shapes, scene):
+    refined = refam.segment(scene, EXPRESSION, model=shapes)
+    raw = refam.segment(scene, EXPRESSION, model=shapes, refine=False)
+    np.testing.assert_array_equal(raw.heatmap, refined.heatmap)
+    np.testing.assert_array_equal(raw.mask, raw.heatmap >= refam.otsu_threshold(raw.heatmap))
+    assert (refined.mask <= raw.mask).all()  # a component of the thresholded map
+    assert raw.info["refiner"] == "threshold only"
+    peak = refam.segment(scene, EXPRESSION, model=shapes, component="peak")
+    x, y = peak.points[0].astype(int)
+    assert peak.mask[y, x]
+
+
+def test_spatial_prior_switch(shapes, scene):
+    with_prior = refam.segment(scene, EXPRESSION, model=shapes)
+    without = refam.segment(scene, EXPRESSION, model=shapes, spatial_prior=False)
+    assert float(without.maps["prior"].min()) == 1.0 and float(with_prior.maps["prior"][:, -1].max()) == 0.0
+    np.testing.assert_array_equal(with_prior.maps["aggregate"].values, without.maps["aggregate"].values)
+    assert not np.array_equal(with_prior.heatmap, without.heatmap)
+
+
+def test_spatial_prior_and_otsu():
+    np.testing.assert_allclose(refam.spatial_prior(["right"], (1, 4), extent=1.0), [[0, 1 / 3, 2 / 3, 1]])
+    middle = refam.spatial_prior(["middle"], (5, 5))
+    assert (middle[:, 2] == 1.0).all() and (middle[:, 0] == 0.0).all() and 0 < middle[0, 1] < 1
+    assert (refam.spatial_prior(["near"], (3, 3)) == 1).all()  # depth gives no prior
+    assert refam.otsu_threshold(np.ones((3, 3))) == 1.0
+    values = np.r_[np.zeros(50), np.ones(10)]
+    assert (values >= refam.otsu_threshold(values)).sum() == 10
+
+
+def test_sink_columns_filtered_post_hoc():
+    """Where the adapter cannot intervene, sink text columns are dropped and each row renormalised."""
+    rng = np.random.default_rng(0)
+    cross = rng.random((2, 6, 4)) * 0.2  # (layer, query, key_text): rows sum below 1, the rest on images
+    labels = attnlens.TokenLabels.unknown(4)
+    select = attnlens.suppress(positions=[3]).select
+    out = _filter_sinks(cross, select, labels)
+    assert (out[..., 3] == 0).all()
+    np.testing.assert_allclose(out[..., :3], cross[..., :3] / (1 - cross[..., 3:]))
+
+
+# -- segmenters --------------------------------------------------------------------------------------
+
+
+def _tiny_sam():
+    import torch
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    vision = SamVisionConfig(
+        hidden_size=16,
+        output_channels=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+        mlp_dim=16,
+        global_attn_indexes=[0],
+        window_size=2,
+        num_pos_feats=8,
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=16, iou_head_hidden_dim=8
+    )
+    torch.manual_seed(0)
+    model = SamModel(
+        SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    )
+    processor = SamProcessor(
+        image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    )
+    return model.eval(), processor, SamImageProcessor
+
+
+def test_tiny_sam_segmenter(shapes, odd):
+    model, processor, _ = _tiny_sam()
+    r = refam.segment(odd, EXPRESSION, model=shapes, segmenter=(model, processor), negatives=1)
+    assert r.mask.shape == (88, 118) and r.mask.dtype == bool and r.mask.any()
+    assert r.info["refiner"].startswith("segmenter")
+    again = refam.segment(odd, EXPRESSION, model=shapes, segmenter=(model, processor), negatives=1)
+    assert np.array_equal(r.mask, again.mask)
+
+
+def test_callable_segmenter_gets_the_points(shapes, odd):
+    seen = {}
+
+    def fake(image, points, labels):
+        seen.update(shape=image.shape, points=points.copy(), labels=labels.copy())
+        mask = np.zeros(image.shape[:2], dtype=bool)
+        x, y = points[0].astype(int)
+        mask[y, x] = True
+        return mask
+
+    r = refam.segment(odd, EXPRESSION, model=shapes, segmenter=fake, negatives=2)
+    assert seen["shape"] == (88, 118, 3) and seen["labels"].tolist() == [1, 0, 0]
+    np.testing.assert_array_equal(seen["points"], r.points)
+    assert r.mask.sum() == 1 and r.info["refiner"] == "segmenter"
+
+
+def test_mismatched_segmenters_are_refused(shapes, scene):
+    model, processor, image_processor = _tiny_sam()
+    cases = [
+        model,  # no processor
+        (processor, model),
+        (model, processor.__class__(image_processor=image_processor())),  # pads to 1024, model takes 64
+        "sam",
+        lambda image, points, labels: np.ones((3, 3), dtype=bool),  # a mask of the wrong size
+    ]
+    for segmenter in cases:
+        with pytest.raises(refam.SegmenterMismatchError):
+            refam.segment(scene, EXPRESSION, model=shapes, segmenter=segmenter)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_clear_errors(shapes, scene):
+    with pytest.raises(refam.EmptyExpressionError):
+        refam.segment(scene, "  ", model=shapes)
+    with pytest.raises(refam.NoNounError):
+        refam.segment(scene, "the one on the left", model=shapes, parser="rules")
+    with pytest.raises(UnsupportedModelError, match="no embedded model 'nope'"):
+        refam.segment(scene, EXPRESSION, model="nope")
+    with pytest.raises(UnsupportedModelError, match="FluxPipeline"):
+        refam.segment(scene, EXPRESSION, model=object())
+    with pytest.raises(TypeError, match="unknown RefAM option"):
+        refam.segment(scene, EXPRESSION, model=shapes, threshold=0.3)
+    with pytest.raises(ValueError, match="gas"):
+        refam.segment(scene, EXPRESSION, model=shapes, gas="drop")
+    with pytest.raises(ValueError, match="flow time"):
+        refam.segment(scene, EXPRESSION, model=shapes, t=1.5)
+    with pytest.raises(refam.RefamError, match="redirect"):
+        refam.segment(scene, "circle", model=shapes, gas="redirect", sinks=[0], append_magnets=False)
+    assert issubclass(refam.RefamError, AttnlensError) and attnlens.refam is refam
