@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["auc", "binarize", "iou", "pointing_game"]
+__all__ = ["auc", "binarize", "iou", "otsu_threshold", "pointing_game"]
 
 Dims = str | Sequence[str]
 
@@ -95,3 +95,23 @@ def _ranks(values: np.ndarray, n_core: int) -> np.ndarray:
 
     lead = values.shape[: values.ndim - n_core]
     return rankdata(values.reshape(*lead, -1), axis=-1).reshape(values.shape)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of ``values`` (any shape); the minimum when they are constant.
+
+    >>> otsu_threshold(np.array([0.0, 0.1, 0.9, 1.0])) < 0.9
+    True
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    # the threshold is the right edge of the best class split, so that the top class is never empty
+    return float(edges[int(np.argmax(w0 * w1 * (m0 - m1) ** 2)) + 1])

@@ -40,6 +40,7 @@ import torch
 import xarray as xr
 from PIL import Image
 
+from ..analysis.metrics import otsu_threshold
 from ..errors import HookError, UnsupportedModelError
 from ..text import TokenLabels
 from .errors import RefamError, SegmenterMismatchError
@@ -473,26 +474,6 @@ def spatial_prior(directions: Sequence[str], shape: tuple[int, int], extent: flo
         if d in ramps:
             prior = prior * np.clip(ramps[d](), 0.0, 1.0)
     return prior
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
-    """Otsu's threshold of ``values`` (any shape); the minimum when they are constant.
-
-    >>> otsu_threshold(np.array([0.0, 0.1, 0.9, 1.0])) < 0.9
-    True
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        return lo
-    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    # the threshold is the right edge of the best class split, so that the top class is never empty
-    return float(edges[int(np.argmax(w0 * w1 * (m0 - m1) ** 2)) + 1])
 
 
 def _peaks(values: np.ndarray, k: int, exclude: np.ndarray | None = None) -> list[tuple[int, int]]:

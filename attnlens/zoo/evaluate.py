@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ..analysis.metrics import pointing_game
+from ..analysis.metrics import otsu_threshold, pointing_game
 from ..datasets import shapesref
 from ..session import capture
 from .shapes import ShapesPipeline
@@ -116,8 +116,10 @@ def grounding(
     )
 
 
-def otsu(maps: np.ndarray, bins: int = 64) -> np.ndarray:
+def otsu(maps: np.ndarray) -> np.ndarray:
     """Otsu's threshold of each map over its last two axes: bool masks of the same shape.
+
+    A constant (or non-finite) map has no threshold and is all False.
 
     >>> m = np.zeros((1, 4, 4)); m[0, :2] = 1.0
     >>> int(otsu(m)[0].sum())
@@ -126,16 +128,8 @@ def otsu(maps: np.ndarray, bins: int = 64) -> np.ndarray:
     flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
     out = np.zeros(flat.shape, dtype=bool)
     for i, v in enumerate(flat):
-        if not np.isfinite(v).all() or v.max() <= v.min():
-            continue
-        hist, edges = np.histogram(v, bins=bins)
-        centres = (edges[:-1] + edges[1:]) / 2
-        w0 = np.cumsum(hist)
-        w1 = w0[-1] - w0
-        m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-        m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-        between = w0 * w1 * (m0 - m1) ** 2
-        out[i] = v > centres[int(np.argmax(between))]
+        if np.isfinite(v).all() and v.max() > v.min():
+            out[i] = v >= otsu_threshold(v)
     return out.reshape(maps.shape)
 
 
