@@ -214,9 +214,11 @@ def _grid(ds, np) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="attnlens", description="Look inside the attention of diffusion transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="capture attention from the embedded model and summarise it")
+    demo = sub.add_parser("demo", help="capture a small FLUX pipeline's attention and summarise it")
     demo.add_argument("--prompt", default="a red mug on the left of a wooden table")
     demo.add_argument("--steps", type=int, default=4, help="denoising steps")
     demo.set_defaults(func=_cmd_demo)
