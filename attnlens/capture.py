@@ -279,22 +279,19 @@ def attention_slices(
             logits = torch.matmul(q[:, :, _index(idx)], k_t).mul_(scale)
             if attn_mask is not None:
                 logits = _apply_mask(logits, attn_mask, idx)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            if attn_mask is not None:
-                # a row masked out everywhere has lse = -inf; +inf makes its probabilities 0, not NaN
-                if what == "all":
-                    attending += torch.isfinite(lse).sum(dim=2)
-                lse = lse.masked_fill(lse == float("-inf"), float("inf"))
             here = slice(start, start + len(idx))
-            if what == "cross":
-                out["cross"][:, :, here] = _reduce(logits[..., text_cols].sub_(lse).exp_(), reduction)
+            if what != "all":  # keep the kept columns' logits: the normaliser overwrites the chunk
+                cols = text_cols if what == "cross" else image_cols
+                kept = logits[..., cols]
+                kept = kept.clone() if isinstance(cols, slice) else kept
+                lse = _logsumexp_(logits)
+                # a row masked out everywhere has lse = -inf; +inf makes its probabilities 0, not NaN
+                lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+                out[what][:, :, here] = _reduce(kept.sub_(lse).exp_(), reduction)
                 continue
-            if what == "text_to_image":
-                out["text_to_image"][:, :, here] = _reduce(
-                    logits[..., image_cols].sub_(lse).exp_(), reduction
-                )
-                continue
-            probs = logits.sub_(lse).exp_()
+            probs, total = _softmax_(logits)
+            if attn_mask is not None:
+                attending += (total > 0).sum(dim=2)
             if mass is not None:
                 mass += probs.sum(dim=2)
             if "full" in out:
@@ -314,6 +311,29 @@ def attention_slices(
         rows_attending = attending.clamp(min=1) if attn_mask is not None else n_query
         out["key_mass"] = _reduce(mass / rows_attending, reduction)
     return out
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row log-sum-exp ``(..., 1)`` of ``logits``, which it overwrites.
+
+    In place, in three passes: ``torch.logsumexp`` allocates and makes several more, and on
+    the CPU costs more than the attention kernel itself.
+    """
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # a row masked out everywhere sums to 0
+    return logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_().add_(peak)
+
+
+def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax of ``logits`` in place, and each row's sum of exponentials ``(..., 1)``.
+
+    A row masked out everywhere has sum 0 and probabilities 0 (not NaN).
+    """
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = peak.masked_fill(peak == float("-inf"), 0.0)
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    return probs.div_(total.masked_fill(total == 0, 1.0)), total
 
 
 def _index(positions: torch.Tensor) -> slice | torch.Tensor:
