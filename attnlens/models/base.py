@@ -56,6 +56,29 @@ class CallLayout:
     grid: np.ndarray
     text_mask: torch.Tensor | None = None
 
+    @classmethod
+    def concatenated(
+        cls,
+        batch: int,
+        timestep: float,
+        n_text: int,
+        grid: np.ndarray,
+        *,
+        text_first: bool = True,
+        text_mask: torch.Tensor | None = None,
+    ) -> CallLayout:
+        """The layout of one joint sequence ``[text | image]`` (or ``[image | text]``).
+
+        >>> layout = CallLayout.concatenated(1, 500.0, 2, np.zeros((3, 3), dtype=np.int64), text_first=False)
+        >>> layout.text.tolist(), layout.image.tolist(), layout.seq_len
+        ([3, 4], [0, 1, 2], 5)
+        """
+        n_image = len(grid)
+        first, second = torch.arange(n_text), torch.arange(n_text, n_text + n_image)
+        if not text_first:
+            first, second = torch.arange(n_image, n_image + n_text), torch.arange(n_image)
+        return cls(batch, timestep, n_text + n_image, first, second, grid, text_mask)
+
     def same_tokens(self, other: CallLayout) -> bool:
         """Whether two calls share token counts and image grid."""
         return (

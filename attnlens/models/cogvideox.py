@@ -46,14 +46,12 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
         p, p_t = cfg.patch_size, cfg.patch_size_t or 1
         batch, frames, _, height, width = hidden.shape  # CogVideoX latents are frame-first
         grid = video_grid(frames // p_t, height // p, width // p)
-        n_text, n_video = text.shape[1], len(grid)
-        return CallLayout(
-            batch=batch,
-            timestep=timestep_value(timestep),
-            seq_len=n_text + n_video,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_video),
-            grid=grid,
+        n_text = text.shape[1]
+        return CallLayout.concatenated(
+            batch,
+            timestep_value(timestep),
+            n_text,
+            grid,
         )
 
     def block_hidden(self, output: Any) -> torch.Tensor:

@@ -46,13 +46,11 @@ class FluxAdapter(ModelAdapter):
             yx = np.stack(np.divmod(np.arange(n_image), max(side, 1)), axis=1)
         grid = np.concatenate([np.zeros((n_image, 1), dtype=np.int64), yx.astype(np.int64)], axis=1)
         t = torch.as_tensor(timestep).flatten()[0].item()
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=float(t) * 1000.0,
-            seq_len=n_text + n_image,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_image),
-            grid=grid,
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            float(t) * 1000.0,
+            n_text,
+            grid,
         )
 
     def block_hidden(self, output: Any) -> torch.Tensor:

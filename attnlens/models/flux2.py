@@ -49,13 +49,11 @@ class Flux2Adapter(ModelAdapter):
             )
         n_text, n_image = text.shape[1], hidden.shape[1]
         grid = _grid(img_ids, n_image)
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=float(torch.as_tensor(timestep).flatten()[0].item()) * 1000.0,
-            seq_len=n_text + n_image,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_image),
-            grid=grid,
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            float(torch.as_tensor(timestep).flatten()[0].item()) * 1000.0,
+            n_text,
+            grid,
         )
 
     def block_hidden(self, output: Any) -> torch.Tensor:

@@ -100,20 +100,17 @@ class GenericAdapter(ModelAdapter):
         text = kwargs.get("encoder_hidden_states")
         n_text = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
         grid = _grid(hidden, transformer.config)
-        n_image = len(grid)
         timestep = kwargs.get("timestep", kwargs.get("t"))
         t = float(torch.as_tensor(timestep).flatten()[0].item()) if timestep is not None else 0.0
         mask = kwargs.get("encoder_attention_mask", kwargs.get("encoder_hidden_states_mask"))
         text_mask = None
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape == (hidden.shape[0], n_text):
             text_mask = (mask > 0).detach().cpu() if mask.dtype != torch.bool else mask.detach().cpu()
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=t,
-            seq_len=n_text + n_image,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_image),
-            grid=grid,
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            t,
+            n_text,
+            grid,
             text_mask=text_mask,
         )
 

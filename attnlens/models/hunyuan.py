@@ -54,14 +54,13 @@ class HunyuanVideoAdapter(ModelAdapter):
         cfg = transformer.config
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
-        n_video, n_text = len(grid), text.shape[1]
-        return CallLayout(
-            batch=batch,
-            timestep=timestep_value(timestep),
-            seq_len=n_video + n_text,
-            text=torch.arange(n_video, n_video + n_text),
-            image=torch.arange(n_video),
-            grid=grid,
+        n_text = text.shape[1]
+        return CallLayout.concatenated(
+            batch,
+            timestep_value(timestep),
+            n_text,
+            grid,
+            text_first=False,
             text_mask=mask.detach().bool().cpu() if mask is not None else None,
         )
 

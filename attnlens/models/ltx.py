@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, timestep_value, video_grid
@@ -58,13 +57,11 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
             raise ValueError(f"a token grid of {len(grid)} tokens does not match {n_video} video tokens")
         mask = given.get("encoder_attention_mask")
         n_text = text.shape[1]
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=timestep_value(timestep),
-            seq_len=n_text + n_video,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_video),
-            grid=grid,
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            timestep_value(timestep),
+            n_text,
+            grid,
             # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
             text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,
         )

@@ -51,14 +51,13 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
         p = transformer.config.patch_size
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames, height // p, width // p)
-        n_video, n_text = len(grid), text.shape[1]
-        return CallLayout(
-            batch=batch,
-            timestep=timestep_value(timestep),
-            seq_len=n_video + n_text,
-            text=torch.arange(n_video, n_video + n_text),
-            image=torch.arange(n_video),
-            grid=grid,
+        n_text = text.shape[1]
+        return CallLayout.concatenated(
+            batch,
+            timestep_value(timestep),
+            n_text,
+            grid,
+            text_first=False,
             text_mask=mask.detach().bool().cpu(),
         )
 

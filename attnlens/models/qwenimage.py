@@ -45,13 +45,11 @@ class QwenImageAdapter(ModelAdapter):
         timestep = given.get("timestep")
         img_shapes = given.get("img_shapes")
         n_text, n_image = text.shape[1], hidden.shape[1]
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=float(torch.as_tensor(timestep).flatten()[0].item()) * 1000.0,
-            seq_len=n_text + n_image,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_image),
-            grid=_grid(img_shapes, n_image),
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            float(torch.as_tensor(timestep).flatten()[0].item()) * 1000.0,
+            n_text,
+            _grid(img_shapes, n_image),
             text_mask=mask.detach().bool().cpu() if mask is not None else None,
         )
 

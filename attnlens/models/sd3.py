@@ -57,13 +57,12 @@ class SD3Adapter(ModelAdapter):
         # PatchEmbed flattens (h, w) row-major
         yx = np.stack(np.divmod(np.arange(n_image), w), axis=1)
         grid = np.concatenate([np.zeros((n_image, 1), dtype=np.int64), yx.astype(np.int64)], axis=1)
-        return CallLayout(
-            batch=hidden.shape[0],
-            timestep=float(torch.as_tensor(timestep).flatten()[0].item()),
-            seq_len=n_image + n_text,
-            text=torch.arange(n_image, n_image + n_text),
-            image=torch.arange(n_image),
-            grid=grid,
+        return CallLayout.concatenated(
+            hidden.shape[0],
+            float(torch.as_tensor(timestep).flatten()[0].item()),
+            n_text,
+            grid,
+            text_first=False,
         )
 
     def call_tokens(

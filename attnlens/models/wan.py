@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ._video import SelfCrossAttention, timestep_value, video_grid
@@ -58,14 +57,12 @@ class WanAdapter(SelfCrossAttention, ModelAdapter):
         p_t, p_h, p_w = transformer.config.patch_size
         batch, _, frames, height, width = hidden.shape
         grid = video_grid(frames // p_t, height // p_h, width // p_w)
-        n_text, n_video = text.shape[1], len(grid)
-        return CallLayout(
-            batch=batch,
-            timestep=timestep_value(timestep),
-            seq_len=n_text + n_video,
-            text=torch.arange(n_text),
-            image=torch.arange(n_text, n_text + n_video),
-            grid=grid,
+        n_text = text.shape[1]
+        return CallLayout.concatenated(
+            batch,
+            timestep_value(timestep),
+            n_text,
+            grid,
         )
 
     def call_rows(self, layer: AttentionLayer, layout: CallLayout, call: int) -> slice | None:
