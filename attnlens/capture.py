@@ -249,10 +249,6 @@ def attention_slices(
         row_sets = [
             (name, rows) for name, rows in (("cross", image), ("text_to_image", text)) if name in keep
         ]
-    is_image = torch.zeros(n_query, dtype=torch.bool, device=q.device)
-    is_image[image] = True
-    is_text = torch.zeros(n_query, dtype=torch.bool, device=q.device)
-    is_text[text] = True
 
     # logits, exp and a temporary: three float32 (batch, heads, chunk, seq) tensors at once
     chunk = max(1, chunk_bytes // (3 * 4 * batch * num_heads * n))
@@ -271,6 +267,7 @@ def attention_slices(
     image_row[image] = torch.arange(len(image), device=q.device)
     text_row = torch.full((n_query,), -1, dtype=torch.long, device=q.device)
     text_row[text] = torch.arange(len(text), device=q.device)
+    is_image, is_text = image_row >= 0, text_row >= 0
     mass = torch.zeros(batch, num_heads, n, device=q.device) if "key_mass" in keep else None
     attending = torch.zeros(batch, num_heads, 1, device=q.device)  # query rows not masked out entirely
     for what, rows in row_sets:
