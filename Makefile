@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/capture_overhead.py
 
 clean:
-	rm -rf $(VENV) site demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) site attnlens-demo .pytest_cache .ruff_cache

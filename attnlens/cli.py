@@ -20,35 +20,26 @@ console = Console()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Capture a tiny FLUX pipeline's attention over a short sampling run and summarise it."""
+    """Capture the embedded model into a store, find its sinks, segment by attention, write a report."""
     import attnlens
+    from attnlens import demo
 
-    console.print(f"[bold]attnlens {attnlens.__version__}[/] — capturing a tiny random-weight FLUX pipeline")
-    ds = _demo_capture(args.prompt, args.steps, keep=("cross", "key_mass"), heads="mean")
-    console.print(ds)
-    _print_mass_table(ds)
+    console.print(f"[bold]attnlens {attnlens.__version__}[/] — the embedded model {args.model!r}")
+    result = demo.run(args.out, model=args.model, scenes=args.scenes, steps=args.steps)
+    console.print(f"captured into {result.store}")
+    _print_frame(result.token_mass, "share of incoming attention by token kind, and the top text token")
+    _print_frame(result.sinks, "attention sinks per layer")
+    _print_frame(result.segmentation, "referring segmentation by attention (ShapesRef test scenes)")
+    console.print(f"report written to {result.report}")
     return 0
 
 
-def _print_mass_table(ds) -> None:
-    """Share of incoming attention per token kind, per layer (mean over samples, steps, heads)."""
-    from attnlens.analysis import mass_by_kind
-
-    share = mass_by_kind(ds).mean([d for d in ("sample", "step") if d in ds.dims])  # (layer, kind)
-    per_key = ds.key_mass.mean([d for d in ("sample", "step", "head") if d in ds.key_mass.dims])
-    text = ds.key_kind.values[0] != "image"
-    table = Table(title="share of incoming attention by token kind (mean over steps and heads)")
-    table.add_column("layer")
-    for kind in share.kind.values:
-        table.add_column(str(kind), justify="right")
-    table.add_column("top text token", justify="left")
-    for layer in ds.layer.values:
-        mass = per_key.sel(layer=layer).values  # (key,)
-        top = int(np.flatnonzero(text)[mass[text].argmax()])
-        label = ds.token_str.values[0, top] or f"#{top}"
-        ratio = mass[top] * len(mass)
-        row = [f"{v:.3f}" for v in share.sel(layer=layer).values]
-        table.add_row(str(layer), *row, f"{label} ({ratio:.2f}× uniform)")
+def _print_frame(frame, title: str) -> None:
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fiu" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
     console.print(table)
 
 
@@ -179,6 +170,73 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    """Segment what a referring expression names in an image with RefAM; write the mask as a PNG."""
+    from PIL import Image
+
+    from attnlens import refam
+
+    options = {"t": args.t, "gas": args.gas, "seed": args.seed, "refine": not args.no_refine}
+    if args.caption:
+        options["caption"] = args.caption
+    image = Image.open(args.image)
+    with console.status(f"loading {args.model}"):
+        model = _load_model(args.model)
+        segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
+    with console.status(f"segmenting {args.expression!r}"):
+        result = refam.segment(image, args.expression, model=model, segmenter=segmenter, **options)
+    Image.fromarray(result.mask.astype(np.uint8) * 255).save(args.out)
+    if args.heatmap:
+        Image.fromarray(np.round(result.heatmap * 255).astype(np.uint8)).save(args.heatmap)
+    info = result.info
+    console.print(f"target words: {', '.join(result.prompt.target_words)}  (prompt: {result.prompt.text!r})")
+    console.print(
+        f"GAS: {info['gas_applied']}  refiner: {info['refiner']}  token grid: {info['grid']}  "
+        f"points (x, y): {np.round(result.points, 1).tolist()}"
+    )
+    console.print(f"mask: {result.mask.mean():.1%} of {image.width} × {image.height} pixels → {args.out}")
+    return 0
+
+
+def _load_model(name: str):
+    """A zoo name, a folder written by ``attnlens zoo train``, or a local diffusers pipeline folder."""
+    from pathlib import Path
+
+    from attnlens import zoo
+    from attnlens.errors import UnsupportedModelError
+
+    if name in zoo.available():
+        return zoo.load(name)
+    folder = Path(name)
+    if (folder / "model_index.json").exists():
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    if (folder / "model.safetensors").exists():
+        return zoo.ShapesPipeline.load(folder)
+    raise UnsupportedModelError(
+        f"--model {name!r} is neither an embedded model ({', '.join(zoo.available()) or 'none shipped'}) "
+        "nor a folder holding a diffusers pipeline (model_index.json) or a ShapesPipeline (model.safetensors)"
+    )
+
+
+def _load_segmenter(folder: str) -> tuple:
+    """A SAM or SAM 2 checkpoint folder → the ``(model, processor)`` pair RefAM takes."""
+    import transformers
+
+    kind = transformers.AutoConfig.from_pretrained(folder, local_files_only=True).model_type
+    classes = {"sam": ("SamModel", "SamProcessor"), "sam2": ("Sam2Model", "Sam2Processor")}
+    if kind not in classes:
+        from attnlens.refam import SegmenterMismatchError
+
+        raise SegmenterMismatchError(f"--segmenter {folder} holds a {kind!r} model; RefAM takes SAM or SAM 2")
+    model, processor = (getattr(transformers, c) for c in classes[kind])
+    return (
+        model.from_pretrained(folder, local_files_only=True).eval(),
+        processor.from_pretrained(folder, local_files_only=True),
+    )
+
+
 def _demo_capture(prompt: str, steps: int, **spec: object):
     """``cap.result`` of a short sampling run of the tiny random FLUX pipeline (2 + 2 blocks)."""
     import torch
@@ -218,9 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnlens", description="Look inside the attention of diffusion transformers."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="capture a small FLUX pipeline's attention and summarise it")
-    demo.add_argument("--prompt", default="a red mug on the left of a wooden table")
-    demo.add_argument("--steps", type=int, default=4, help="denoising steps")
+    demo = sub.add_parser(
+        "demo", help="the main job on the embedded model: capture, sinks, segmentation, report"
+    )
+    demo.add_argument("--out", default="attnlens-demo", help="folder for the store and report.html")
+    demo.add_argument("--model", default="shapes-flux", help="embedded model")
+    demo.add_argument("--scenes", type=int, default=6, help="ShapesRef test scenes to draw and segment")
+    demo.add_argument("--steps", type=int, default=8, help="sampling steps per drawing")
     demo.set_defaults(func=_cmd_demo)
     inspect = sub.add_parser("inspect", help="print what an attention store holds")
     inspect.add_argument("store", help="path or fsspec URL of the store")
@@ -236,6 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     sinks.add_argument("--steps", type=int, default=2, help="denoising steps of the capture without a store")
     sinks.add_argument("--prompt", default="a red mug on the left of a wooden table", help="without a store")
     sinks.set_defaults(func=_cmd_sinks)
+    seg = sub.add_parser("segment", help="segment what a referring expression names (RefAM)")
+    seg.add_argument("image", help="image file (any size and mode)")
+    seg.add_argument("expression", help='referring expression, e.g. "the red mug on the left"')
+    seg.add_argument("--out", default="mask.png", help="mask PNG to write (input size, 0/255)")
+    seg.add_argument("--heatmap", help="also write the heatmap as a grey PNG")
+    seg.add_argument("--model", default="shapes-flux", help="zoo model or diffusers folder")
+    seg.add_argument("--segmenter", help="SAM / SAM 2 checkpoint folder (default: the threshold refiner)")
+    seg.add_argument("--caption", help='caption around the expression, e.g. "a photo of {expression}"')
+    seg.add_argument("--t", type=float, default=0.5, help="flow time of the noised forward")
+    seg.add_argument("--gas", choices=["suppress", "redirect", "none"], default="suppress", help="sinks")
+    seg.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    seg.add_argument("--no-refine", action="store_true", help="Otsu's threshold of the heatmap only")
+    seg.set_defaults(func=_cmd_segment)
     zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)
     train = zoo.add_parser("train", help="train (or resume training) an embedded model")
     train.add_argument("name", choices=["shapes-flux"], help="which model")
@@ -245,7 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="fixes scenes, text choices, noise and weights")
     train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     train.set_defaults(func=_cmd_zoo_train)
+    card = zoo.add_parser("card", help="measure a trained model against ShapesRef's bars; write its card")
+    card.add_argument(
+        "folder", help="the trained model's folder (config.json, model.safetensors, train_log.json)"
+    )
+    card.add_argument("--name", default="shapes-flux", help="the model's name in the card")
+    card.set_defaults(func=_cmd_zoo_card)
     return parser
+
+
+def _cmd_zoo_card(args: argparse.Namespace) -> int:
+    """Measure a trained embedded model and write card.md, claims.json and bars.json beside it."""
+    from attnlens.zoo import ShapesPipeline
+    from attnlens.zoo.card import bars, measure, write_card
+
+    with console.status("measuring (val, test, generation, sinks)"):
+        m = measure(ShapesPipeline.load(args.folder))
+    _print_frame(bars(m), f"{args.name} against ShapesRef's bars (t = {m.t})")
+    console.print(f"card written to {write_card(args.folder, args.name, m)}")
+    return 0
 
 
 def _cmd_zoo_train(args: argparse.Namespace) -> int:
@@ -265,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except AttnlensError as exc:
+    except (AttnlensError, OSError) as exc:  # OSError: unreadable or missing files
         console.print(f"[red]error:[/] {exc}")
         return 2
 

@@ -10,7 +10,7 @@ import torch
 
 import attnlens
 from attnlens.datasets import shapesref
-from attnlens.zoo.evaluate import baselines, grounding, otsu, summarise
+from attnlens.zoo.evaluate import grounding, otsu, summarise
 from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
 from attnlens.zoo.train import TrainConfig, train
 
@@ -75,8 +75,11 @@ def test_word_maps_are_captured_and_scored_against_baselines():
     table = summarise(run, pipe.config.patch, "untrained", subsets=False)
     names = set(table.model)
     assert {"untrained", "whole image", "centre box", "colour lookup", "token-grid ceiling"} <= names
-    ceiling = baselines(run, 8)["token-grid ceiling"]
+    ceiling = shapesref.baselines(run.pairs, 8)["token-grid ceiling"]
     assert ceiling.shape == run.target.shape
+    # the ceiling is the target rounded to whole tokens: it covers most of the target and little else
+    target = run.target.values
+    assert (ceiling & target).sum() / target.sum() > 0.5 and (ceiling & ~target).sum() < target.sum()
 
 
 def test_otsu_splits_two_levels():

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKGROUNDS",
+    "BASELINES",
     "COLOURS",
     "POSITIONS",
     "SHAPES",
@@ -44,6 +45,7 @@ __all__ = [
     "ObjectSpec",
     "Scene",
     "Video",
+    "baselines",
     "build_tokenizer",
     "expressions",
     "make_scene",
@@ -327,6 +329,41 @@ def expressions(
     pairs = ((scene, e) for scene in split(name, video=video) for e in scene.expressions)
     count = size if n is None else n
     return pairs if count is None else itertools.islice(pairs, count)
+
+
+BASELINES = ("whole image", "centre box", "union of objects", "token-grid ceiling", "colour lookup")
+
+
+def baselines(pairs: list[tuple[Scene, Expression]], patch: int = 8) -> dict[str, np.ndarray]:
+    """``(expression, H, W)`` bool masks that need no model, one per name in :data:`BASELINES`.
+
+    ``centre box`` is the middle half of each side; ``token-grid ceiling`` the target rounded to
+    ``patch`` × ``patch`` cells (the best mask a map on a model's token grid draws unrefined);
+    ``colour lookup`` every pixel of the colour the expression names (the union of objects where
+    it names none): what colour alone achieves.
+
+    Examples:
+        >>> pairs = list(expressions("test", n=3))
+        >>> {name: m.shape for name, m in baselines(pairs).items()}["colour lookup"]
+        (3, 64, 64)
+    """
+    targets = np.stack([s.masks[e.target] for s, e in pairs])
+    n, h, w = targets.shape
+    centre = np.zeros_like(targets)
+    centre[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
+    cells = targets.reshape(n, h // patch, patch, w // patch, patch).mean((2, 4)) >= 0.5
+    lookup = []
+    for s, e in pairs:
+        colour = next((word for word in e.text.split() if word in COLOURS), None)
+        lookup.append(s.masks.any(0) if colour is None else (s.image == np.array(COLOURS[colour])).all(-1))
+    masks = (
+        np.ones_like(targets),
+        centre,
+        np.stack([s.masks.any(0) for s, _ in pairs]),
+        np.repeat(np.repeat(cells, patch, axis=1), patch, axis=2),
+        np.stack(lookup),
+    )
+    return dict(zip(BASELINES, masks, strict=True))
 
 
 def word_roles() -> dict[str, str]:

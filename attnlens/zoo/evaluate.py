@@ -27,7 +27,7 @@ from ..datasets import shapesref
 from ..session import capture
 from .shapes import ShapesPipeline
 
-__all__ = ["GroundingRun", "baselines", "grounding", "otsu", "summarise"]
+__all__ = ["GroundingRun", "grounding", "otsu", "summarise"]
 
 WORD_SETS = ("phrase", "noun", "colour")
 
@@ -40,14 +40,13 @@ class GroundingRun:
         maps: ``(word_set, sample, layer, y, x)`` pixel maps; ``word_set`` is ``phrase``
             (colour + noun tokens), ``noun`` or ``colour`` (NaN where the expression has none).
         target: ``(sample, y, x)`` bool target masks.
-        objects: ``(sample, y, x)`` bool union of all objects.
+        pairs: the ``(scene, expression)`` pairs, in ``sample`` order.
         table: one row per expression: text, kind, has_same_colour_distractor, colour, noun.
     """
 
     maps: xr.DataArray
     target: xr.DataArray
-    objects: xr.DataArray
-    images: np.ndarray
+    pairs: list[tuple[shapesref.Scene, shapesref.Expression]]
     table: pd.DataFrame
 
 
@@ -106,12 +105,10 @@ def grounding(
         coords={"word_set": list(WORD_SETS), "layer": ds.layer.values},
     )
     target = np.stack([scene.masks[e.target] for scene, e in pairs])
-    objects = np.stack([scene.masks.any(0) for scene, _ in pairs])
     return GroundingRun(
         maps=maps,
         target=xr.DataArray(target, dims=("sample", "y", "x")),
-        objects=xr.DataArray(objects, dims=("sample", "y", "x")),
-        images=np.stack([scene.image for scene, _ in pairs]),
+        pairs=pairs,
         table=pd.DataFrame(rows),
     )
 
@@ -131,28 +128,6 @@ def otsu(maps: np.ndarray) -> np.ndarray:
         if np.isfinite(v).all() and v.max() > v.min():
             out[i] = v >= otsu_threshold(v)
     return out.reshape(maps.shape)
-
-
-def baselines(run: GroundingRun, patch: int) -> dict[str, np.ndarray]:
-    """``(sample, y, x)`` bool masks of the attention-free baselines."""
-    n, h, w = run.target.shape
-    whole = np.ones((n, h, w), dtype=bool)
-    centre = np.zeros((n, h, w), dtype=bool)
-    centre[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
-    target = run.target.values
-    cells = target.reshape(n, h // patch, patch, w // patch, patch).mean((2, 4)) >= 0.5
-    ceiling = np.repeat(np.repeat(cells, patch, axis=1), patch, axis=2)
-    lookup = run.objects.values.copy()
-    for i, colour in enumerate(run.table.colour):
-        if isinstance(colour, str):
-            lookup[i] = (run.images[i] == np.array(shapesref.COLOURS[colour])).all(-1)
-    return {
-        "whole image": whole,
-        "centre box": centre,
-        "union of objects": run.objects.values,
-        "token-grid ceiling": ceiling,
-        "colour lookup": lookup,
-    }
 
 
 def summarise(run: GroundingRun, patch: int, model: str, subsets: bool = True) -> pd.DataFrame:
@@ -199,7 +174,7 @@ def summarise(run: GroundingRun, patch: int, model: str, subsets: bool = True) -
         for layer in per_layer.layer.values:
             heat = per_layer.sel(layer=layer).values
             score(f"{model} [{layer}]", otsu(heat), heat, words)
-    for name, masks in baselines(run, patch).items():
+    for name, masks in shapesref.baselines(run.pairs, patch).items():
         score(name, masks, None, "-")
     return pd.DataFrame(rows)
 

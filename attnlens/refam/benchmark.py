@@ -1,0 +1,123 @@
+"""Score RefAM, its ablations and attention-free baselines on ShapesRef's referring expressions.
+
+Each variant is a set of :class:`~attnlens.refam.RefamOptions` overrides; :data:`VARIANTS`
+holds full RefAM, one ablation per step, and the attention-only baseline (the head noun's raw
+head-mean map averaged over layers, thresholded with Otsu's method: no appended magnets, no GAS
+handling, no prior, no refinement). Masks are scored against the exact target masks: IoU per
+expression (mean: mIoU), cumulative intersection over cumulative union (oIoU), and the pointing
+game on the heatmap.
+
+    python benchmarks/refam_shapesref.py      # the table in BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..datasets import shapesref
+from .image import segment
+
+__all__ = ["VARIANTS", "evaluate", "summarise"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "RefAM": {},
+    "no magnet filtering": {"filter_magnets": False},
+    "no GAS handling": {"gas": "none"},
+    "no appended magnets": {"append_magnets": False},
+    "no spatial prior": {"spatial_prior": False},
+    "no refinement": {"refine": False},
+    "attention only": {"append_magnets": False, "gas": "none", "spatial_prior": False, "refine": False},
+}
+
+
+def evaluate(
+    model: Any,
+    pairs: Iterable[tuple[shapesref.Scene, shapesref.Expression]],
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    segmenter: Any = None,
+    progress: bool = True,
+    **options: Any,
+) -> pd.DataFrame:
+    """Segment every expression with every variant.
+
+    Args:
+        model: what :func:`~attnlens.refam.segment` takes (a ShapesPipeline or its zoo name).
+        pairs: ``(scene, expression)`` pairs, e.g. ``shapesref.expressions("test")``.
+        variants: name → option overrides (default :data:`VARIANTS`).
+        segmenter: passed to :func:`~attnlens.refam.segment`.
+        **options: options shared by every variant (a variant's own overrides win).
+
+    Returns:
+        one row per (variant, expression): ``variant``, ``sample``, ``text``, ``kind``,
+        ``same_colour_distractor``, ``intersection``, ``union``, ``iou``, ``pointing``, plus the
+        attention-free :func:`~attnlens.datasets.shapesref.baselines` as variants without ``pointing``.
+    """
+    pairs = list(pairs)
+    variants = VARIANTS if variants is None else variants
+    rows = []
+    bar = tqdm(total=len(pairs) * len(variants), desc="RefAM", disable=not progress)
+    for i, (scene, e) in enumerate(pairs):
+        target = scene.masks[e.target]
+        for name, overrides in variants.items():
+            chosen = {**options, **overrides}
+            result = segment(scene.image, e.text, model=model, segmenter=segmenter, **chosen)
+            peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
+            rows.append(_row(name, i, e, result.mask, target, pointing=float(target[peak])))
+            bar.update()
+    bar.close()
+    for name, masks in shapesref.baselines(pairs).items():
+        for i, ((s, e), mask) in enumerate(zip(pairs, masks, strict=True)):
+            rows.append(_row(name, i, e, mask, s.masks[e.target]))
+    return pd.DataFrame(rows)
+
+
+def summarise(rows: pd.DataFrame, subsets: bool = True) -> pd.DataFrame:
+    """mIoU, oIoU and pointing per variant, on all expressions and (``subsets``) on the
+    same-colour-distractor ones and per expression kind, in the variants' order."""
+    groups = {"all": slice(None)}
+    if subsets:
+        groups["same-colour distractor"] = rows.same_colour_distractor
+        groups.update({kind: rows.kind == kind for kind in rows.kind.unique()})
+    out = []
+    for subset, sel in groups.items():
+        part = rows[sel] if not isinstance(sel, slice) else rows
+        for variant, g in part.groupby("variant", sort=False):
+            out.append(
+                dict(
+                    variant=variant,
+                    subset=subset,
+                    n=len(g),
+                    mIoU=g.iou.mean(),
+                    oIoU=g.intersection.sum() / max(g.union.sum(), 1),
+                    pointing=g.pointing.mean(),
+                )
+            )
+    return pd.DataFrame(out)
+
+
+def _row(
+    variant: str,
+    i: int,
+    e: shapesref.Expression,
+    mask: np.ndarray,
+    target: np.ndarray,
+    pointing: float = np.nan,
+) -> dict[str, Any]:
+    inter, union = int((mask & target).sum()), int((mask | target).sum())
+    return dict(
+        variant=variant,
+        sample=i,
+        text=e.text,
+        kind=e.kind,
+        same_colour_distractor=e.has_same_colour_distractor,
+        intersection=inter,
+        union=union,
+        iou=inter / union if union else 1.0,
+        pointing=pointing,
+    )

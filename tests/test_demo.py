@@ -1,0 +1,148 @@
+"""The main job end to end (capture → store → sinks → segmentation → report), the HTML report,
+the model card, and the `attnlens segment` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from attnlens import demo
+from attnlens.cli import main
+from attnlens.datasets import shapesref
+from attnlens.refam.benchmark import VARIANTS, evaluate, summarise
+from attnlens.report import Report
+from attnlens.store import open_store
+from attnlens.zoo import card
+from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
+from attnlens.zoo.train import TrainConfig, train
+
+TINY = ShapesConfig(
+    num_layers=1,
+    num_single_layers=1,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    vocab_size=len(shapesref.VOCAB),
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return ShapesPipeline.untrained(TINY)
+
+
+def test_report_is_one_self_contained_file(tmp_path):
+    report = Report("a <report>")
+    report.heading("numbers")
+    report.table(pd.DataFrame({"method": ["RefAM"], "mIoU": [0.51234]}))
+    report.figure(go.Figure(go.Scatter(y=[1, 2])))
+    report.figure(go.Figure(go.Bar(y=[3])))
+    report.images([(np.zeros((8, 8, 3), np.uint8), "black"), (np.ones((8, 8)), "white")])
+    html = report.save(tmp_path / "r.html").read_text()
+    assert "a &lt;report&gt;" in html and "0.512" in html
+    assert html.count('<img width="128" src="data:image/png;base64,') == 2
+    # plotly.js is inlined once, never fetched from a CDN
+    assert html.count("plotly.js v") == 1 and '<script src="http' not in html
+
+
+def test_demo_captures_finds_sinks_segments_and_reports(tmp_path, pipe):
+    result = demo.run(tmp_path, model=pipe, scenes=2, steps=2, progress=False)
+    ds = open_store(result.store)
+    assert list(ds.sample_id.values) == ["test-0", "test-1"] and {"cross", "key_mass"} <= set(ds.data_vars)
+    assert list(result.token_mass.layer) == ["double.0", "single.0"]
+    shares = result.token_mass.drop(columns=["layer", "top token", "× uniform"]).sum(axis=1)
+    np.testing.assert_allclose(shares, 1.0, atol=1e-5)
+    assert set(result.sinks.layer) == {"double.0", "single.0"}
+    table = result.segmentation.set_index("variant")
+    n = sum(len(s.expressions) for s in shapesref.split("test", n=2))
+    assert (table.n == n).all()
+    assert table.loc["whole image", "mIoU"] < table.loc["union of objects", "mIoU"] <= 1
+    html = result.report.read_text()
+    assert "Attention sinks" in html and "RefAM mask" in html
+    again = demo.run(tmp_path, model=pipe, scenes=1, steps=2, progress=False)  # a rerun replaces the store
+    assert list(open_store(again.store).sample_id.values) == ["test-0"]
+
+
+def test_benchmark_scores_variants_and_baselines(pipe):
+    pairs = list(shapesref.expressions("test", 4))
+    rows = evaluate(pipe, pairs, {k: VARIANTS[k] for k in ("RefAM", "attention only")}, progress=False)
+    assert len(rows) == 4 * (2 + len(shapesref.BASELINES))
+    table = summarise(rows)
+    whole = table[(table.variant == "whole image") & (table.subset == "all")].iloc[0]
+    areas = [s.masks[e.target].mean() for s, e in pairs]
+    assert whole.mIoU == pytest.approx(np.mean(areas))  # the whole image's IoU is the target's area
+    assert table[table.variant == "colour lookup"].pointing.isna().all()
+    refam = rows[rows.variant == "RefAM"]
+    assert refam.iou.between(0, 1).all() and refam.pointing.isin([0.0, 1.0]).all()
+
+
+def test_segment_command_writes_a_mask_at_the_input_size(tmp_path, saved, capsys):
+    scene = next(shapesref.split("test", n=1))
+    Image.fromarray(scene.image).resize((90, 70)).save(tmp_path / "scene.png")
+    args = ["segment", str(tmp_path / "scene.png"), scene.expressions[0].text, "--model", saved]
+    assert main([*args, "--out", str(tmp_path / "mask.png"), "--heatmap", str(tmp_path / "heat.png")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert mask.shape == (70, 90) and set(np.unique(mask)) <= {0, 255} and mask.any()
+    assert np.asarray(Image.open(tmp_path / "heat.png")).shape == (70, 90)
+    assert "target words" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, pipe):
+    folder = tmp_path_factory.mktemp("model")
+    pipe.save(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("image", "expression", "model", "message"),
+    [
+        ("missing.png", "the red circle", None, "no such file"),
+        ("black.png", "on the left", None, "no noun"),
+        ("black.png", "the red circle", "no-such-model", "neither an embedded model"),
+    ],
+)
+def test_segment_command_reports_bad_input(tmp_path, saved, image, expression, model, message, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
+    argv = [
+        "segment",
+        str(tmp_path / image),
+        expression,
+        "--model",
+        model or saved,
+        "--out",
+        str(tmp_path / "m.png"),
+    ]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().out.lower()
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
+    trained = train(
+        tmp_path, TINY, TrainConfig(steps=2, batch=4, checkpoint_every=2, warmup=2), progress=False
+    )
+    m = card.measure(
+        trained,
+        ts=(0.3, 0.7),
+        n_val=6,
+        n_test=8,
+        prompts=4,
+        readout_scenes=100,
+        sink_scenes=2,
+        claim_subset=10,
+    )
+    bars = card.bars(m)
+    assert list(bars.level) == ["must"] * 3 + ["aim"] * 3 and bars.met.dtype == bool
+    assert not bars.met.any()  # two steps of training meet no bar
+    text = card.write_card(tmp_path, "tiny", m).read_text()
+    assert "## Bars" in text and "Not met:" in text and "union of objects" in text
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert claims["t"] == m.t and claims["subset"] == 10
+    again = card.claims(ShapesPipeline.load(tmp_path), m.t, n=10)
+    for name, value in claims["figures"].items():  # the saved weights reproduce the claimed figures
+        assert again[name] == pytest.approx(value, abs=claims["tolerance"])
