@@ -8,7 +8,7 @@ small reductions. Definitions are in each module's documentation and in DESIGN.m
 
 from . import metrics, synthetic
 from .magnets import MAGNET_KINDS, find_magnets, magnet_words
-from .metrics import auc, binarize, iou, pointing_game
+from .metrics import auc, binarize, boundary_f, iou, j_and_f, pointing_game
 from .ranking import METRICS, localisation_scores, rank
 from .redistribution import destinations, redistribution, target_map, transport
 from .sinks import find_sinks, mass_by_kind, plot_sinks, sink_tokens, sinks_by_layer
@@ -18,10 +18,12 @@ __all__ = [
     "METRICS",
     "auc",
     "binarize",
+    "boundary_f",
     "destinations",
     "find_magnets",
     "find_sinks",
     "iou",
+    "j_and_f",
     "localisation_scores",
     "magnet_words",
     "mass_by_kind",

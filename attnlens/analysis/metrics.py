@@ -11,6 +11,9 @@ every sample, step, layer and head at once.
 - :func:`pointing_game`: 1 when the heatmap's maximum lies inside the mask (Zhang et al., "Top-down
   Neural Attention by Excitation Backprop", ECCV 2016; ties count as hits, no tolerance
   radius); NaN for an empty mask.
+- :func:`boundary_f` and :func:`j_and_f`: the DAVIS video measures of masks ``(…, H, W)``: the
+  boundary F-measure (Perazzi et al., CVPR 2016: boundary pixels matched within
+  ``tolerance`` × the image diagonal) and the mean of J (region IoU) and F over frames.
 - :func:`auc`: area under the ROC curve of the heatmap's values as scores for mask membership,
   the Mann–Whitney statistic ``(R₊ − n₊(n₊+1)/2) / (n₊ n₋)`` with average ranks for ties; NaN
   when the mask is empty or full.
@@ -31,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["auc", "binarize", "iou", "otsu_threshold", "pointing_game"]
+__all__ = ["auc", "binarize", "boundary_f", "iou", "j_and_f", "otsu_threshold", "pointing_game"]
 
 Dims = str | Sequence[str]
 
@@ -115,3 +118,54 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
     # the threshold is the right edge of the best class split, so that the top class is never empty
     return float(edges[int(np.argmax(w0 * w1 * (m0 - m1) ** 2)) + 1])
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def boundary_f(pred: np.ndarray, target: np.ndarray, tolerance: float = 0.008) -> float:
+    """Boundary F-measure of two ``(H, W)`` bool masks: 1 when both are empty, 0 when one is.
+
+    A boundary pixel of one mask counts as matched when a boundary pixel of the other lies
+    within ``ceil(tolerance · diagonal)`` pixels (Euclidean), as DAVIS does.
+
+    >>> square = np.zeros((20, 20), bool); square[5:15, 5:15] = True
+    >>> boundary_f(square, square), boundary_f(square, np.roll(square, 3, axis=1))
+    (1.0, 0.5)
+    """
+    from scipy import ndimage
+
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if pred.shape != target.shape or pred.ndim != 2:
+        raise ValueError(
+            f"boundary_f takes two (H, W) masks of one shape; got {pred.shape} and {target.shape}"
+        )
+    bp, bt = _boundary(pred), _boundary(target)
+    if not bp.any() and not bt.any():
+        return 1.0
+    if not bp.any() or not bt.any():
+        return 0.0
+    radius = np.ceil(tolerance * np.hypot(*pred.shape))
+    near_t = ndimage.distance_transform_edt(~bt) <= radius
+    near_p = ndimage.distance_transform_edt(~bp) <= radius
+    precision = (bp & near_t).sum() / bp.sum()
+    recall = (bt & near_p).sum() / bt.sum()
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def j_and_f(pred: np.ndarray, target: np.ndarray, tolerance: float = 0.008) -> dict[str, float]:
+    """DAVIS' J (region IoU), F (:func:`boundary_f`) and their mean J&F over the frames of
+    ``(frame, H, W)`` bool masks."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(
+            f"j_and_f takes two (frame, H, W) masks of one shape; got {pred.shape} and {target.shape}"
+        )
+    inter, union = (pred & target).sum((1, 2)), (pred | target).sum((1, 2))
+    j = float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+    f = float(np.mean([boundary_f(p, t, tolerance) for p, t in zip(pred, target, strict=True)]))
+    return {"J": j, "F": f, "J&F": (j + f) / 2}
