@@ -1,7 +1,8 @@
-"""Tiny random-config FLUX models and offline tokenizers, for tests, examples and benchmarks.
+"""Tiny random-config models and offline tokenizers, for tests, examples and benchmarks.
 
-Configs follow diffusers' own pipeline tests; tokenizers are built with the ``tokenizers``
-library from a small English vocabulary, so nothing is downloaded.
+FLUX, Wan, CogVideoX and Mochi pipelines and SAM2 segmenters; configs follow diffusers' and
+transformers' own tests; tokenizers are built with the ``tokenizers`` library from a small
+English vocabulary, so nothing is downloaded.
 
 >>> from attnlens.testing import tiny_flux_transformer, flux_inputs
 >>> model = tiny_flux_transformer()
@@ -20,9 +21,14 @@ __all__ = [
     "flux_inputs",
     "tiny_byte_level_tokenizer",
     "tiny_clip_tokenizer",
+    "tiny_cogvideox_pipeline",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
+    "tiny_mochi_pipeline",
+    "tiny_sam2",
+    "tiny_shapes_pipeline",
     "tiny_t5_tokenizer",
+    "tiny_wan_pipeline",
 ]
 
 _WORDS = tuple(
@@ -188,7 +194,7 @@ def tiny_flux_pipeline(seed: int = 0, max_sequence_length: int = 16, **transform
     Images of ``height = width = 16`` pixels give an ``8 × 8`` latent and ``4 × 4`` token grid.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     t5_tok = tiny_t5_tokenizer(max_sequence_length)
     clip_tok = tiny_clip_tokenizer()
@@ -207,19 +213,7 @@ def tiny_flux_pipeline(seed: int = 0, max_sequence_length: int = 16, **transform
             max_position_embeddings=77,
         )
     ).eval()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    t5 = _tiny_t5(t5_tok)
     vae = AutoencoderKL(
         sample_size=32,
         in_channels=3,
@@ -244,3 +238,348 @@ def tiny_flux_pipeline(seed: int = 0, max_sequence_length: int = 16, **transform
         tokenizer_2=t5_tok,
         transformer=tiny_flux_transformer(seed, **transformer_config),
     )
+
+
+def tiny_shapes_pipeline(seed: int = 0):
+    """An untrained embedded :class:`~attnlens.zoo.ShapesPipeline`: 1 double and 1 single block, 2 heads × 16.
+
+    It reads ShapesRef's vocabulary and ``64 × 64`` images (an ``8 × 8`` token grid).
+    """
+    from .datasets.shapesref import VOCAB
+    from .zoo.shapes import ShapesConfig, ShapesPipeline
+
+    config = ShapesConfig(
+        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, vocab_size=len(VOCAB)
+    )
+    return ShapesPipeline.untrained(config, seed=seed)
+
+
+def _tiny_t5(tokenizer: Any, d_model: int = 32, num_layers: int = 2, num_heads: int = 4):
+    """A random ``T5EncoderModel`` over ``tokenizer``'s vocabulary (the caller seeds torch)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+# -- video pipelines: a clip of 1 + 4k (Wan, CogVideoX) or 1 + 6k (Mochi) frames of 16·n pixels -------------
+
+
+def tiny_wan_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """A ``WanPipeline`` of tiny random parts: Wan VAE (8× spatial, 4× temporal), UMT5-like T5, transformer.
+
+    A clip of ``(frames, 32, 32)`` pixels gives a ``((frames − 1)/4 + 1, 4, 4)`` latent and a
+    ``(latent frames, 2, 2)`` token grid (patches of ``1 × 2 × 2``); 2 blocks, 2 heads × 12.
+    """
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """A ``CogVideoXPipeline`` of tiny random parts: CogVideoX VAE (8× spatial, 4× temporal), T5, transformer.
+
+    The transformer has 3D rotary embeddings (CogVideoX 1.0 5B style), ``patch_size=2``, 2 blocks,
+    2 heads × 16 and ``max_text_seq_length = max_sequence_length``; its scheduler is
+    ``CogVideoXDDIMScheduler`` (v-prediction).
+    """
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=5,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=max_sequence_length,
+        use_rotary_positional_embeddings=True,
+    ).eval()
+    return CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction"),
+    )
+
+
+def tiny_mochi_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """A ``MochiPipeline`` of tiny random parts: Mochi VAE (8× spatial, 6× temporal), T5, transformer.
+
+    Its scheduler inverts sigmas as Mochi's does (timesteps rise from noise towards data); the
+    transformer has ``patch_size=2``, 2 blocks, 2 heads × 8.
+    """
+    from diffusers import (
+        AutoencoderKLMochi,
+        FlowMatchEulerDiscreteScheduler,
+        MochiPipeline,
+        MochiTransformer3DModel,
+    )
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLMochi(
+        latent_channels=12,
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    ).eval()
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    transformer = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=12,
+        text_embed_dim=32,
+        time_embed_dim=4,
+        max_sequence_length=max_sequence_length,
+    ).eval()
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+# -- SAM2: tiny random segmenters, and processors that need no torchvision -----------------------------------
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _square_pixels(images: Any, side: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Images (PIL, ``(H, W, 3)``, ``(T, H, W, 3)`` uint8) → ``(n, 3, side, side)`` normalised, and sizes."""
+    import numpy as np
+
+    if not isinstance(images, list | tuple):
+        arr = np.asarray(images)
+        images = list(arr) if arr.ndim == 4 else [arr]
+    arrays = [np.array(im.convert("RGB")) if hasattr(im, "convert") else np.array(im) for im in images]
+    pixels, sizes = [], []
+    for arr in arrays:
+        x = torch.as_tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        pixels.append(x[0])
+        sizes.append([int(arr.shape[0]), int(arr.shape[1])])
+    mean = torch.tensor(_IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(_IMAGENET_STD)[:, None, None]
+    return (torch.stack(pixels) - mean) / std, sizes
+
+
+def _sam2_processors(side: int) -> tuple[Any, Any]:
+    """``(image processor, video processor)``: transformers' own with torchvision installed, else stand-ins.
+
+    The stand-ins do what transformers' SAM2 processors do by default (bilinear resize to a
+    ``side × side`` square, rescale to [0, 1], ImageNet normalisation; masks upsampled
+    bilinearly and cut at 0) with torch alone.
+    """
+    import importlib.util
+
+    size = {"height": side, "width": side}
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import Sam2ImageProcessor, Sam2VideoVideoProcessor
+
+        return Sam2ImageProcessor(size=size), Sam2VideoVideoProcessor(size=size)
+
+    from transformers.feature_extraction_utils import BatchFeature
+    from transformers.image_processing_utils import ImageProcessingMixin
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class SquareImageProcessor(ImageProcessingMixin):
+        model_input_names = ("pixel_values",)
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.size = dict(size)
+
+        def __call__(self, images: Any, segmentation_maps: Any = None, return_tensors: Any = None, **kwargs):
+            pixels, sizes = _square_pixels(images, side)
+            return BatchFeature({"pixel_values": pixels, "original_sizes": torch.tensor(sizes)})
+
+        def post_process_masks(
+            self, masks, original_sizes, mask_threshold=0.0, binarize=True, *args, **kwargs
+        ):
+            sizes = original_sizes.tolist() if hasattr(original_sizes, "tolist") else original_sizes
+            out = []
+            for mask, hw in zip(masks, sizes, strict=True):
+                up = torch.nn.functional.interpolate(
+                    torch.as_tensor(mask).float(), [int(v) for v in hw], mode="bilinear", align_corners=False
+                )
+                out.append(up > mask_threshold if binarize else up)
+            return out
+
+    class SquareVideoProcessor(VideoProcessorMixin):
+        model_input_names = ("pixel_values_videos",)
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.size = dict(size)
+
+        def __call__(self, videos: Any, device: Any = None, return_tensors: Any = None, **kwargs):
+            pixels, sizes = _square_pixels(videos, side)
+            return BatchFeature(
+                {"pixel_values_videos": pixels[None].to(device or "cpu"), "original_sizes": [sizes[0]]}
+            )
+
+    return SquareImageProcessor(), SquareVideoProcessor()
+
+
+def tiny_sam2(side: int = 64, *, video: bool = False, seed: int = 0) -> tuple[Any, Any]:
+    """A tiny random SAM2 ``(model, processor)``: Sam2Model, or with ``video=True`` Sam2VideoModel.
+
+    A Hiera backbone of four stages of 1, 1, 2, 1 blocks (8 → 64 channels, patch stride 4), an
+    FPN (16 wide; 128 for video) over ``side/4``, ``side/8`` and ``side/16`` feature maps, a
+    one-layer mask decoder with 3 multimask outputs and (video) a one-layer memory attention
+    over 2 memories. ``side`` is the model's square input, a multiple of 32. transformers' SAM2
+    processors need torchvision; where it is missing, stand-ins that preprocess alike take
+    their place.
+    """
+    import importlib.util
+
+    from transformers import (
+        Sam2Config,
+        Sam2HieraDetConfig,
+        Sam2MaskDecoderConfig,
+        Sam2Model,
+        Sam2Processor,
+        Sam2PromptEncoderConfig,
+        Sam2VideoConfig,
+        Sam2VideoModel,
+        Sam2VideoProcessor,
+        Sam2VisionConfig,
+    )
+
+    if side % 32:
+        raise ValueError(f"side must be a multiple of 32 (the backbone's stride); got {side}")
+    # the video model's memory attention reads 64-channel memories and splits its wider features into them
+    width = 128 if video else 16
+    backbone = Sam2HieraDetConfig(
+        hidden_size=8,
+        image_size=side,
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[8, 16, 32, 64],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[2, 2, 2, 2],
+        global_attention_blocks=[3],  # the second block of stage 3 (a first block pools its queries)
+        window_positional_embedding_background_size=[2, 2],
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=[64, 32, 16, 8],
+        backbone_feature_sizes=[[side // 4] * 2, [side // 8] * 2, [side // 16] * 2],
+        fpn_hidden_size=width,
+    )
+    prompt = dict(hidden_size=width, image_size=side, patch_size=16, mask_input_channels=4)
+    decoder = dict(
+        hidden_size=width, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8
+    )
+    image_processor, video_processor = _sam2_processors(side)
+    torch.manual_seed(seed)
+    if not video:
+        config = Sam2Config(
+            vision_config=vision,
+            prompt_encoder_config=Sam2PromptEncoderConfig(**prompt),
+            mask_decoder_config=Sam2MaskDecoderConfig(**decoder),
+            image_size=side,
+        )
+        return Sam2Model(config).eval(), Sam2Processor(image_processor=image_processor)
+    config = Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=prompt,
+        mask_decoder_config=decoder,
+        image_size=side,
+        num_maskmem=2,
+        memory_attention_hidden_size=width,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=16,
+        memory_attention_rope_feat_sizes=[side // 16] * 2,
+        memory_encoder_hidden_size=width,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=width,
+        memory_fuser_embed_dim=width,
+        memory_fuser_intermediate_dim=16,
+    )
+    if importlib.util.find_spec("torchvision") is not None:
+        processor = Sam2VideoProcessor(image_processor=image_processor, video_processor=video_processor)
+    else:  # its class check looks video processors up among torchvision-only classes: set what it would
+        processor = Sam2VideoProcessor.__new__(Sam2VideoProcessor)
+        processor.image_processor, processor.video_processor = image_processor, video_processor
+        processor.point_pad_value, processor.target_size = -10, side
+    model = Sam2VideoModel(config).eval()
+    # random weights score the object near 0, which SAM2 reads as "no object here" (an empty mask on every
+    # frame): a positive bias on the object-score head makes the tiny model see one
+    with torch.no_grad():
+        model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(1.0)
+    return model, processor

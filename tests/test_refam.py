@@ -12,23 +12,15 @@ from attnlens import refam
 from attnlens.datasets import shapesref
 from attnlens.errors import AttnlensError, UnsupportedModelError
 from attnlens.refam.image import _filter_sinks
-from attnlens.testing import tiny_flux_pipeline, tiny_t5_tokenizer
+from attnlens.testing import tiny_flux_pipeline, tiny_sam2, tiny_shapes_pipeline, tiny_t5_tokenizer
 from attnlens.text import TruncationWarning
-from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
 
 EXPRESSION = "the red circle on the left"
 
 
 @pytest.fixture(scope="module")
 def shapes():
-    config = ShapesConfig(
-        num_layers=1,
-        num_single_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        vocab_size=len(shapesref.VOCAB),
-    )
-    return ShapesPipeline.untrained(config)
+    return tiny_shapes_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +311,50 @@ def _tiny_sam():
         image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
     )
     return model.eval(), processor, SamImageProcessor
+
+
+def _tiny_sam2():
+    """A tiny random ``(Sam2Model, Sam2Processor)`` taking 64 × 64 images (see attnlens.testing.tiny_sam2)."""
+    return tiny_sam2(side=64)
+
+
+def test_tiny_sam2_segmenter(flux_pipe, odd):
+    import torch
+
+    model, processor = _tiny_sam2()
+    r = refam.segment(odd, "the red circle", model=flux_pipe, resolution=32, segmenter=(model, processor))
+    assert r.mask.shape == (88, 118) and r.mask.dtype == bool and r.mask.any()
+    assert r.info["refiner"] == "segmenter"
+    # the contract: SAM2 prompted with the points; the best-scoring of its 3 candidates, at the input size
+    inputs = processor(
+        images=Image.fromarray(odd),
+        input_points=[[r.points.tolist()]],
+        input_labels=[[r.point_labels.tolist()]],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        out = model(**inputs, multimask_output=True)
+    candidates = processor.post_process_masks(out.pred_masks, inputs["original_sizes"])[0][0]
+    assert len(candidates) == 3
+    assert np.array_equal(r.mask, candidates[int(out.iou_scores[0, 0].argmax())].numpy())
+    again = refam.segment(odd, "the red circle", model=flux_pipe, resolution=32, segmenter=(model, processor))
+    assert np.array_equal(r.mask, again.mask)
+
+
+def test_mismatched_sam2_segmenters_are_refused(shapes, scene):
+    sam, sam_processor, _ = _tiny_sam()
+    sam2, sam2_processor = _tiny_sam2()
+    _, other_size = tiny_sam2(side=96)  # resizes to 96 × 96; the model takes 64 × 64
+    video_model, video_processor = tiny_sam2(video=True)
+    for segmenter in [
+        (sam2, sam_processor),
+        (sam, sam2_processor),
+        (sam2, other_size),
+        (video_model, video_processor),  # a video segmenter: refam.segment_video takes it
+        (sam2, video_processor),
+    ]:
+        with pytest.raises(refam.SegmenterMismatchError):
+            refam.segment(scene, EXPRESSION, model=shapes, segmenter=segmenter)
 
 
 def test_tiny_sam_segmenter(shapes, odd):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from ..errors import AttnlensError
 
-__all__ = ["EmptyExpressionError", "NoNounError", "RefamError", "SegmenterMismatchError"]
+__all__ = ["EmptyExpressionError", "EmptyVideoError", "NoNounError", "RefamError", "SegmenterMismatchError"]
 
 
 class RefamError(AttnlensError):
-    """Base class of what :func:`attnlens.refam.segment` reports on purpose."""
+    """Base class of what :func:`~attnlens.refam.segment` and ``segment_video`` report on purpose."""
 
 
 class EmptyExpressionError(RefamError, ValueError):
@@ -20,4 +20,8 @@ class NoNounError(RefamError, ValueError):
 
 
 class SegmenterMismatchError(RefamError, TypeError):
-    """The segmenter is not one :func:`~attnlens.refam.segment` can drive, or its parts disagree."""
+    """The segmenter is not one that RefAM can drive, or its parts disagree."""
+
+
+class EmptyVideoError(RefamError, ValueError):
+    """The video has no frames."""

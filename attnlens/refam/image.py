@@ -23,15 +23,18 @@
 6. **points**: the ``n_points`` highest local maxima of the heatmap (positives) and, with
    ``negatives > 0``, the strongest peaks where the magnets own more attention than the target;
    **refinement**: Otsu's threshold, then the largest connected component; or, with a segmenter,
-   SAM (``transformers``' ``SamModel``) prompted with the points, its best-scoring mask.
+   SAM or SAM2 (``transformers``' ``SamModel``, ``Sam2Model``) prompted with the points, its
+   best-scoring mask (:mod:`attnlens.refam.refine`).
 
-The heatmap and mask come back at the input image's size, whatever its size and mode.
+The heatmap and mask come back at the input image's size, whatever its size and mode. Steps 2–6
+are this module's functions, shared with :func:`~attnlens.refam.segment_video`, which runs them
+per video frame.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +43,12 @@ import torch
 import xarray as xr
 from PIL import Image
 
-from ..analysis.metrics import otsu_threshold
 from ..errors import HookError, UnsupportedModelError
 from ..text import TokenLabels
-from .errors import RefamError, SegmenterMismatchError
+from .errors import RefamError
 from .parse import ParsedExpression, parse
 from .prompts import DEFAULT_COLOUR, DEFAULT_MAGNETS, RefamPrompt, build_prompt
+from .refine import image_segmenter, refine
 
 __all__ = ["GAS_CHOICES", "RefamOptions", "RefamResult", "segment"]
 
@@ -72,11 +75,15 @@ class RefamOptions:
             REFAM.md sweeps 0.1–0.7).
         forwards: forwards averaged, each with its own noise, 1.
         seed: seed of the noise; the same seed gives the same mask.
-        resolution: working side in pixels (the image is resized to a square); ``None``: 1024 for
-            FLUX (its 64 × 64 token grid), the model's own size for the embedded ShapesPipeline.
-        max_sequence_length: FLUX's T5 length; ``None``: ``min(512, tokenizer.model_max_length)``.
+        resolution: working side in pixels (the image, or each frame, is resized to a square);
+            ``None``: 1024 for FLUX (its 64 × 64 token grid), the model's own size for the
+            embedded ShapesPipeline, 480 for the video DiTs.
+        max_sequence_length: the text encoder's length (FLUX's and Wan's T5: ``None`` is
+            ``min(512, tokenizer.model_max_length)``; Mochi's: ``min(256, …)``; CogVideoX's is
+            its transformer's ``max_text_seq_length``).
         guidance: FLUX guidance embedding for guidance-distilled models, 3.5 (the pipeline's).
-        layers: captured layers, as :attr:`attnlens.CaptureSpec.layers`; ``None``: all.
+        layers: captured layers, as :attr:`attnlens.CaptureSpec.layers`; ``None``: all (Wan: its
+            cross-attention layers, the only ones with text keys).
         heads: head reduction of the capture, ``"mean"`` (Ref-Diff, DAAM) or ``"max"``.
         gas: ``"suppress"`` (default), ``"redirect"`` or ``"none"`` (the "no GAS handling" ablation).
         sinks: which keys are GAS: ``"auto"`` (:func:`~attnlens.analysis.find_sinks` on a probe
@@ -85,7 +92,7 @@ class RefamOptions:
             joint-sequence positions (every layer is intervened in).
         spatial_prior: apply the spatial prior of the expression's spatial words.
         prior_extent: share of the image over which the prior ramps from 1 to 0, 2/3 (Ref-Diff).
-        n_points: positive points, 1 (the argmax peak).
+        n_points: positive points, 1 (the argmax peak), per image or frame.
         negatives: negative points from magnet-owned regions, 0.
         refine: refine the thresholded heatmap (``False``: the "no refinement" ablation: Otsu's
             threshold of the heatmap, nothing else, also when a segmenter is given).
@@ -209,14 +216,21 @@ def _resized(rgb: np.ndarray, side: int) -> np.ndarray:
 
 
 class _Backend:
-    """One model family: its tokenizer, working size, and one noised forward."""
+    """One model family: its tokenizer, working size, and one noised forward.
+
+    ``layers`` are the layers captured when ``options.layers`` is ``None`` and ``gas_layers`` those
+    searched for GAS (``None``: all). ``forward`` takes what the family encodes: an image
+    ``(side, side, 3)`` uint8 here, a clip ``(frames, side, side, 3)`` for the video DiTs.
+    """
 
     transformer: torch.nn.Module
     tokenizer: Any
     max_length: int
     side: int
+    layers: Any = None
+    gas_layers: Any = None
 
-    def forward(self, rgb: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+    def forward(self, pixels: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
         raise NotImplementedError
 
 
@@ -298,58 +312,6 @@ def _backend(model: Any, options: RefamOptions) -> _Backend:
     )
 
 
-# -- segmenters --------------------------------------------------------------------------------------
-
-Segmenter = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-def _sam(model: Any, processor: Any) -> Segmenter:
-    from transformers import SamModel, SamProcessor
-
-    if not isinstance(model, SamModel) or not isinstance(processor, SamProcessor):
-        raise SegmenterMismatchError(
-            f"segmenter=(model, processor) takes a transformers SamModel and SamProcessor; got "
-            f"({type(model).__name__}, {type(processor).__name__})"
-        )
-    size = model.config.vision_config.image_size
-    pad = getattr(processor.image_processor, "pad_size", None) or {}
-    if pad and (pad.get("height"), pad.get("width")) != (size, size):
-        raise SegmenterMismatchError(
-            f"the SamProcessor pads images to {pad.get('height')} × {pad.get('width')}, but the SamModel's "
-            f"vision encoder takes {size} × {size}: use the processor saved with the model"
-        )
-
-    @torch.no_grad()
-    def run(rgb: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        inputs = processor(
-            images=Image.fromarray(rgb),
-            input_points=[points.tolist()],
-            input_labels=[labels.tolist()],
-            return_tensors="pt",
-        ).to(model.device)
-        out = model(**inputs, multimask_output=True)
-        masks = processor.image_processor.post_process_masks(
-            out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
-        )[0][0]  # (candidates, H, W)
-        return masks[int(out.iou_scores[0, 0].argmax())].numpy().astype(bool)
-
-    return run
-
-
-def _segmenter(segmenter: Any) -> Segmenter | None:
-    if segmenter is None:
-        return None
-    if isinstance(segmenter, tuple | list) and len(segmenter) == 2:
-        return _sam(*segmenter)
-    if callable(segmenter) and not isinstance(segmenter, torch.nn.Module):
-        return segmenter
-    raise SegmenterMismatchError(
-        f"a segmenter is a (SamModel, SamProcessor) pair or a callable (image (H, W, 3) uint8, points "
-        f"(n, 2) xy, labels (n,)) -> (H, W) bool mask; got {type(segmenter).__name__}"
-        + (" (give its processor too: segmenter=(model, processor))" if callable(segmenter) else "")
-    )
-
-
 # -- steps -------------------------------------------------------------------------------------------
 
 
@@ -364,34 +326,40 @@ def _selector(sinks: Any) -> dict[str, Any]:
     return {"positions": [int(v) for v in values]}
 
 
-def _find_gas(backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions) -> tuple:
-    """GAS of a probe forward: ``(joint positions of the GAS keys, names of the layers holding them)``."""
+def _text_positions(ds: xr.Dataset) -> np.ndarray:
+    """Joint positions of the text tokens of a capture (FLUX, Wan, CogVideoX: first; Mochi: last)."""
+    return np.flatnonzero(np.asarray(ds["key_kind"].values[0]) != "image")
+
+
+def _find_gas(backend: _Backend, pixels: np.ndarray, prompt: RefamPrompt, options: RefamOptions) -> tuple:
+    """GAS of a probe forward: ``(joint positions of the GAS keys, their layers, text joint positions)``."""
     from .. import capture
     from ..analysis import find_sinks
 
-    with capture(backend.transformer, keep="key_mass", labels=[prompt.labels]) as cap:
-        backend.forward(rgb, prompt, options.t, options.seed)
+    with capture(
+        backend.transformer, keep="key_mass", layers=backend.gas_layers, labels=[prompt.labels]
+    ) as cap:
+        backend.forward(pixels, prompt, options.t, options.seed)
     ds = cap.result
     gas = find_sinks(ds)["gas"].reduce(np.any, dim=("sample", "step")).values  # (layer, key)
     keys = np.asarray(ds["key"].values)
     layers = [str(n) for n, hit in zip(ds["layer"].values, gas.any(axis=1), strict=True) if hit]
-    return [int(k) for k in keys[gas.any(axis=0)]], layers
+    return [int(k) for k in keys[gas.any(axis=0)]], layers, _text_positions(ds)
 
 
 def _intervention(
-    backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions, info: dict[str, Any]
+    backend: _Backend, pixels: np.ndarray, prompt: RefamPrompt, options: RefamOptions, info: dict[str, Any]
 ) -> Any:
     """The :func:`attnlens.suppress` / :func:`attnlens.redirect` of ``options.gas``, or ``None``."""
     from .. import redirect, suppress
 
     if options.gas == "none":
         return None
-    # FLUX joint sequences put the text first: a text position is its joint position
-    magnet_joint = {int(p) for p in prompt.magnet}
     if options.sinks == "auto":
-        positions, layers = _find_gas(backend, rgb, prompt, options)
+        positions, layers, text = _find_gas(backend, pixels, prompt, options)
         info["sink_layers"] = layers
         if options.gas == "redirect":
+            magnet_joint = {int(p) for p in text[prompt.magnet]}
             positions = [p for p in positions if p not in magnet_joint]  # the receivers cannot also give
         info["sinks"] = positions
         if not positions:
@@ -414,37 +382,70 @@ def _intervention(
 
 
 def _capture_cross(
-    backend: _Backend, rgb: np.ndarray, prompt: RefamPrompt, options: RefamOptions, intervene: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], bool]:
-    """``(cross (layer, query, key_text) averaged over forwards, y, x, layer names, intervened)``."""
+    backend: _Backend, pixels: np.ndarray, prompt: RefamPrompt, options: RefamOptions, intervene: Any
+) -> tuple[np.ndarray, np.ndarray, list[str], bool, np.ndarray]:
+    """``(cross, grid, layer names, intervened, text joint positions)`` averaged over forwards.
+
+    ``cross`` is ``(layer, query, key_text)``, 0 where a key is not attended (Mochi's padding);
+    ``grid`` the ``(frame, y, x)`` of each query, ``(query, 3)``. Layers without image→text
+    attention (Wan's self-attention) are left out.
+    """
     from .. import capture
 
+    layers = options.layers if options.layers is not None else backend.layers
     total, intervened = None, intervene is not None
     for i in range(options.forwards):
-        kwargs = dict(keep="cross", layers=options.layers, heads=options.heads, labels=[prompt.labels])
-        try:
-            cap = capture(backend.transformer, intervene=intervene, **kwargs)
-        except HookError:
-            if intervene is None:
-                raise
-            intervened, intervene = (
-                False,
-                None,
-            )  # the adapter cannot intervene: filter the sink columns instead
-            cap = capture(backend.transformer, **kwargs)
-        with cap:
-            backend.forward(rgb, prompt, options.t, options.seed + i)
+        kwargs = dict(keep="cross", layers=layers, heads=options.heads, labels=[prompt.labels])
+        cap = None
+        if intervene is not None:
+            try:
+                with capture(backend.transformer, intervene=intervene, **kwargs) as cap:
+                    backend.forward(pixels, prompt, options.t, options.seed + i)
+            except HookError:  # the adapter cannot intervene (CogVideoX, Mochi; Wan's separate
+                # self- and cross-attention calls): filter the sink columns instead
+                intervened, intervene, cap = False, None, None
+        if cap is None:
+            with capture(backend.transformer, **kwargs) as cap:
+                backend.forward(pixels, prompt, options.t, options.seed + i)
         ds = cap.result
         cross = ds["cross"].isel(sample=0, step=0, head=0).transpose("layer", "query", "key_text").values
         total = cross.astype(np.float64) if total is None else total + cross
-    y, x = (np.asarray(ds[c].values).astype(int) for c in ("y", "x"))
-    return total / options.forwards, y, x, [str(n) for n in ds["layer"].values], intervened
+    names = np.array([str(n) for n in ds["layer"].values])
+    kept = np.isfinite(total).any(axis=(1, 2))
+    if not kept.any():
+        raise RefamError(
+            f"none of the captured layers {list(names)} holds image→text attention: choose layers that do "
+            "(Wan: cross.N, not self.N)"
+        )
+    grid = np.stack([np.asarray(ds[c].values).astype(int) for c in ("frame", "y", "x")], axis=1)
+    cross = np.nan_to_num(total[kept] / options.forwards)  # NaN: a key the call did not hold
+    return cross, grid, list(names[kept]), intervened, _text_positions(ds)
 
 
-def _grid(values: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``(..., query)`` → ``(..., y, x)``."""
-    out = np.zeros((*values.shape[:-1], y.max() + 1, x.max() + 1), dtype=np.float64)
-    out[..., y, x] = values
+def _attention(
+    backend: _Backend, pixels: np.ndarray, prompt: RefamPrompt, options: RefamOptions, info: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Steps 3–4: the captured ``cross`` ``(layer, query, key_text)`` with the GAS handled.
+
+    Returns it with the ``(frame, y, x)`` of each query, ``(query, 3)``, and the layer names;
+    ``info`` gets ``gas_applied``, ``sinks`` and ``sink_layers``.
+    """
+    intervene = _intervention(backend, pixels, prompt, options, info)
+    cross, grid, layer_names, intervened, text = _capture_cross(backend, pixels, prompt, options, intervene)
+    if intervene is None:
+        info["gas_applied"] = "none" if options.gas == "none" else "none (no GAS found)"
+    else:
+        info["gas_applied"] = options.gas if intervened else "filter"
+    if info["gas_applied"] == "filter":
+        cross = _filter_sinks(cross, intervene.select, prompt.labels, text)
+    return cross, grid, layer_names
+
+
+def _grid(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``(..., query)`` → ``(..., frame, y, x)`` from the ``(frame, y, x)`` of each query, ``(query, 3)``."""
+    f, y, x = grid.T
+    out = np.zeros((*values.shape[:-1], f.max() + 1, y.max() + 1, x.max() + 1), dtype=np.float64)
+    out[..., f, y, x] = values
     return out
 
 
@@ -494,20 +495,9 @@ def _upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _threshold_refine(heat: np.ndarray, component: str, peak: tuple[float, float] | None) -> np.ndarray:
-    from scipy import ndimage
-
-    mask = heat >= otsu_threshold(heat)
-    labelled, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    if component == "peak" and peak is not None:
-        r = min(int(peak[1]), heat.shape[0] - 1)
-        c = min(int(peak[0]), heat.shape[1] - 1)
-        if labelled[r, c]:
-            return labelled == labelled[r, c]
-    sizes = np.bincount(labelled.ravel())[1:]
-    return labelled == (int(np.argmax(sizes)) + 1)
+def _heat(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A token-grid heatmap ``(y, x)`` → ``(H, W)`` float32 in ``[0, 1]``."""
+    return np.clip(_upsample(grid, size), 0.0, 1.0).astype(np.float32)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
@@ -522,15 +512,21 @@ def segment(
 ) -> RefamResult:
     """Segment the object a referring expression names, from a diffusion transformer's attention.
 
+    >>> from attnlens.testing import tiny_shapes_pipeline
+    >>> image = np.zeros((40, 50, 3), dtype=np.uint8)  # (H, W, 3)
+    >>> r = segment(image, "the red circle", model=tiny_shapes_pipeline())
+    >>> r.mask.shape, r.heatmap.shape, r.maps["target"].dims
+    ((40, 50), (40, 50), ('layer', 'y', 'x'))
+
     Args:
         image: a PIL image or array, ``(H, W)`` grey, ``(H, W, 1|3|4)``, uint8 or float in
             ``[0, 1]``, any size (resized to the working resolution; RGBA drops alpha).
         expression: e.g. ``"the red mug on the left"``.
         model: a loaded diffusers ``FluxPipeline``, a :class:`~attnlens.zoo.ShapesPipeline`, or
             a zoo name for :func:`attnlens.zoo.load`.
-        segmenter: ``None`` (threshold refiner), a ``(SamModel, SamProcessor)`` pair from
-            ``transformers``, or a callable ``(image (H, W, 3) uint8, points (n, 2) xy,
-            labels (n,)) -> (H, W) bool``.
+        segmenter: ``None`` (threshold refiner), a ``(SamModel, SamProcessor)`` or ``(Sam2Model,
+            Sam2Processor)`` pair from ``transformers``, or a callable ``(image (H, W, 3) uint8,
+            points (n, 2) xy, labels (n,)) -> (H, W) bool``.
         **options: fields of :class:`RefamOptions`.
 
     Returns:
@@ -541,64 +537,22 @@ def segment(
         SegmenterMismatchError: the segmenter is not usable, or returned a mask of another size.
         UnsupportedModelError: the model is none of the above (or the zoo name is not shipped).
     """
-    fields = {f.name for f in dataclasses.fields(RefamOptions)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise TypeError(f"unknown RefAM option(s) {unknown}; options: {', '.join(sorted(fields))}")
-    opts = RefamOptions(**options)
+    opts = _options(options)
     parsed = parse(expression, parser=opts.parser)
-    segment_fn = _segmenter(segmenter)
+    segment_fn = image_segmenter(segmenter)
     rgb = _as_rgb(image)
     height, width = rgb.shape[:2]
     backend = _backend(model, opts)
-    prompt = build_prompt(
-        parsed,
-        backend.tokenizer,
-        max_length=backend.max_length,
-        caption=opts.caption,
-        magnets=opts.magnets,
-        colour=opts.colour,
-        append=opts.append_magnets,
-        targets=opts.targets,
-    )
-    work = _resized(rgb, backend.side)
-    info: dict[str, Any] = {
-        "resolution": backend.side,
-        "parser": parsed.parser,
-        "sinks": [],
-        "sink_layers": [],
-    }
-
-    intervene = _intervention(backend, work, prompt, opts, info)
-    cross, ys, xs, layer_names, intervened = _capture_cross(backend, work, prompt, opts, intervene)
-    if intervene is None:
-        info["gas_applied"] = "none" if opts.gas == "none" else "none (no GAS found)"
-    else:
-        info["gas_applied"] = opts.gas if intervened else "filter"
-    if info["gas_applied"] == "filter":
-        cross = _filter_sinks(cross, intervene.select, prompt.labels)
-
-    maps = _aggregate(cross, ys, xs, layer_names, prompt, parsed, opts)
+    prompt = _prompt(parsed, backend, opts)
+    info = _info(backend, parsed)
+    cross, grid, layer_names = _attention(backend, _resized(rgb, backend.side), prompt, opts, info)
+    maps = _aggregate(cross, grid, layer_names, prompt, parsed, opts).isel(frame=0, drop=True)
     info["grid"] = tuple(maps["heatmap"].shape)
-    heat = _upsample(maps["heatmap"].values, (height, width))
-    heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
-
+    heat = _heat(maps["heatmap"].values, (height, width))
     points, labels = _points(maps, opts, (height, width))
-    if not opts.refine:
-        mask, info["refiner"] = heat >= otsu_threshold(heat), "threshold only"
-    elif segment_fn is None:
-        mask = _threshold_refine(heat, opts.component, tuple(points[0]) if len(points) else None)
-        info["refiner"] = f"otsu + {opts.component} component"
-    else:
-        mask = np.asarray(segment_fn(rgb, points, labels))
-        if mask.shape != (height, width):
-            raise SegmenterMismatchError(
-                f"the segmenter returned a mask of shape {mask.shape} for an image of {(height, width)}"
-            )
-        mask, info["refiner"] = mask.astype(bool), "segmenter"
-        if not mask.any():  # never hand back a silent empty mask: fall back to the threshold refiner
-            mask = _threshold_refine(heat, opts.component, tuple(points[0]) if len(points) else None)
-            info["refiner"] = "segmenter (empty) → otsu"
+    mask, info["refiner"] = refine(
+        rgb, heat, points, labels, segment_fn, enabled=opts.refine, component=opts.component
+    )
     return RefamResult(
         mask=mask,
         heatmap=heat,
@@ -612,18 +566,46 @@ def segment(
     )
 
 
-def _filter_sinks(cross: np.ndarray, select: Any, labels: TokenLabels) -> np.ndarray:
+def _options(options: dict[str, Any]) -> RefamOptions:
+    """``**options`` of :func:`segment` as :class:`RefamOptions` (unknown names are a ``TypeError``)."""
+    fields = {f.name for f in dataclasses.fields(RefamOptions)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"unknown RefAM option(s) {unknown}; options: {', '.join(sorted(fields))}")
+    return RefamOptions(**options)
+
+
+def _prompt(parsed: ParsedExpression, backend: _Backend, opts: RefamOptions) -> RefamPrompt:
+    """Step 2: the expression and appended magnets, tokenized for the backend's text encoder."""
+    return build_prompt(
+        parsed,
+        backend.tokenizer,
+        max_length=backend.max_length,
+        caption=opts.caption,
+        magnets=opts.magnets,
+        colour=opts.colour,
+        append=opts.append_magnets,
+        targets=opts.targets,
+    )
+
+
+def _info(backend: _Backend, parsed: ParsedExpression) -> dict[str, Any]:
+    return {"resolution": backend.side, "parser": parsed.parser, "sinks": [], "sink_layers": []}
+
+
+def _filter_sinks(
+    cross: np.ndarray, select: Any, labels: TokenLabels, text_positions: np.ndarray | None = None
+) -> np.ndarray:
     """Drop sink text columns from captured rows ``(layer, query, key_text)`` and renormalise each row.
 
     The post-hoc form of :func:`attnlens.suppress` for adapters that cannot intervene: rows lose
-    the sinks' mass ``m_q`` and are divided by ``1 − m_q``; text positions are joint positions
-    (FLUX puts the text first), and token kinds select as in :class:`TokenSelector`.
+    the sinks' mass ``m_q`` and are divided by ``1 − m_q``. ``select.positions`` are joint
+    positions; ``text_positions`` ``(key_text,)`` are those of the text tokens (``None``: the text
+    comes first, as in FLUX), and token kinds select as in :class:`TokenSelector`.
     """
     n_text = cross.shape[-1]
-    drop = np.zeros(n_text, dtype=bool)
-    for p in select.positions:
-        if 0 <= p < n_text:
-            drop[p] = True
+    text = np.arange(n_text) if text_positions is None else np.asarray(text_positions)
+    drop = np.isin(text, list(select.positions))
     kinds = np.asarray(labels.token_kind, dtype=object)
     drop |= np.isin(kinds, [k for k in select.kind if k not in ("text", "image")])
     if "text" in select.kind:
@@ -638,50 +620,61 @@ def _filter_sinks(cross: np.ndarray, select: Any, labels: TokenLabels) -> np.nda
 
 def _aggregate(
     cross: np.ndarray,
-    ys: np.ndarray,
-    xs: np.ndarray,
+    grid: np.ndarray,
     layer_names: list[str],
     prompt: RefamPrompt,
     parsed: ParsedExpression,
     opts: RefamOptions,
 ) -> xr.Dataset:
-    """Target, magnet, aggregate, prior and heatmap maps on the token grid."""
+    """Step 5: target, magnet, aggregate, prior and heatmap maps on the token grid.
+
+    ``cross`` is ``(layer, query, key_text)`` and ``grid`` the ``(frame, y, x)`` of each query.
+    Returns ``target`` ``(layer, frame, y, x)``, ``magnet``, ``aggregate`` and ``heatmap``
+    ``(frame, y, x)`` and ``prior`` ``(y, x)``; the heatmap is normalised to ``[0, 1]`` over all
+    frames together, so that frames keep their relative strength.
+    """
     kinds = np.asarray(prompt.labels.token_kind, dtype=object)
     words = set(range(len(kinds)))
     chosen = set(prompt.target.tolist())
     if not opts.filter_magnets:  # the ablation: stop words and magnets add their maps to the target's
         chosen |= {i for i in words if kinds[i] in ("stop", "magnet")}
     columns = sorted(chosen)
-    target = _grid(cross[..., columns].sum(axis=-1), ys, xs)  # (layer, y, x)
-    magnet = (
-        _grid(cross[..., prompt.magnet].sum(axis=-1).mean(axis=0), ys, xs) if len(prompt.magnet) else None
-    )
+    target = _grid(cross[..., columns].sum(axis=-1), grid)  # (layer, frame, y, x)
+    magnet = _grid(cross[..., prompt.magnet].sum(axis=-1).mean(axis=0), grid) if len(prompt.magnet) else None
     aggregate = target.mean(axis=0)
-    shape = aggregate.shape
+    shape = aggregate.shape[1:]
     prior = (
         spatial_prior(parsed.directions, shape, opts.prior_extent) if opts.spatial_prior else np.ones(shape)
     )
     heat = aggregate * prior
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    dims = ("y", "x")
+    dims = ("frame", "y", "x")
     data = {
         "target": (("layer", *dims), target),
         "aggregate": (dims, aggregate),
-        "prior": (dims, prior),
+        "prior": (dims[1:], prior),
         "heatmap": (dims, heat),
     }
     if magnet is not None:
         data["magnet"] = (dims, magnet)
     return xr.Dataset(
         data,
-        coords={"layer": layer_names, "y": np.arange(shape[0]), "x": np.arange(shape[1])},
+        coords={
+            "layer": layer_names,
+            "frame": np.arange(aggregate.shape[0]),
+            "y": np.arange(shape[0]),
+            "x": np.arange(shape[1]),
+        },
         attrs={"aggregated_positions": columns, "target_words": list(prompt.target_words)},
     )
 
 
 def _points(maps: xr.Dataset, opts: RefamOptions, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Positive peaks of the heatmap, negatives where the magnets own more attention; in input pixels."""
+    """Step 6: positive peaks of a ``(y, x)`` heatmap, negatives where the magnets own more attention.
+
+    Returns ``(points (n, 2) xy in input pixels of ``size`` (H, W), labels (n,))``.
+    """
     heat = maps["heatmap"].values
     gy, gx = heat.shape
     cells = _peaks(heat, opts.n_points)

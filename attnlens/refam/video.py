@@ -1,0 +1,507 @@
+"""RefAM for videos: a referring expression's attention in a video DiT, turned into a mask per frame.
+
+:func:`segment_video` runs the steps of :func:`~attnlens.refam.segment` (DESIGN.md §7, every knob
+a field of :class:`~attnlens.refam.RefamOptions`) on a clip ``(T, H, W[, C])``:
+
+1. **parse** and **prompt** as for images;
+2. **encode** the clip at the working resolution with the pipeline's VAE, whose temporal
+   compression ``r`` makes latent frame ``f ≥ 1`` cover input frames ``r(f − 1) + 1 … r·f`` (the
+   first frame is encoded alone; the clip is padded with its last frame to ``1 + r·k`` frames);
+   noise it to flow time ``t`` (``x_t = (1 − t)·x + t·ε``; CogVideoX, a DDPM v-prediction model:
+   its scheduler's ``add_noise`` at the timestep nearest ``t · num_train_timesteps``) and run one
+   forward per ``forwards``. Wan (``WanPipeline``), CogVideoX (``CogVideoXPipeline``) and Mochi
+   (``MochiPipeline``) each keep their quirks in a small backend class; an image model (the
+   embedded :class:`~attnlens.zoo.ShapesPipeline`, FLUX) encodes and runs each frame on its own;
+3. **capture** ``cross``, whose video queries carry a ``frame`` coordinate, handle the GAS, filter
+   the magnets and **aggregate** per token frame (the heatmap normalised over the whole clip);
+4. map each input frame to its token frame → a **heatmap per input frame**, its **points**, and a
+   mask: the threshold refiner or an image segmenter (SAM, SAM2) frame by frame, or SAM2's video
+   model (``Sam2VideoModel``) prompted with the points of the frame with the strongest peak and
+   propagated forwards and backwards through the clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from PIL import Image
+
+from ..errors import UnsupportedModelError
+from .errors import EmptyVideoError, RefamError, SegmenterMismatchError
+from .image import (
+    RefamOptions,
+    _aggregate,
+    _as_rgb,
+    _attention,
+    _Backend,
+    _heat,
+    _info,
+    _options,
+    _points,
+    _prompt,
+    _resized,
+)
+from .image import _backend as _image_backend
+from .parse import ParsedExpression, parse
+from .prompts import RefamPrompt
+from .refine import refine, threshold_refine, video_segmenter
+
+__all__ = ["RefamVideoResult", "segment_video"]
+
+
+@dataclass
+class RefamVideoResult:
+    """What :func:`segment_video` found, and what lies behind it.
+
+    Attributes:
+        masks: ``(T, H, W)`` bool, one mask per input frame at the input size.
+        heatmaps: ``(T, H, W)`` float32 in ``[0, 1]`` (normalised over the clip, the prior applied).
+        points: per input frame, ``(n, 2)`` float ``(x, y)`` pixel coordinates.
+        point_labels: per input frame, ``(n,)`` int, 1 for a positive point, 0 for a negative one.
+        maps: the intermediate maps on the token grid: ``target`` ``(layer, frame, y, x)``,
+            ``magnet``, ``aggregate`` and ``heatmap`` ``(frame, y, x)``, ``prior`` ``(y, x)``, and
+            ``token_frame`` ``(input_frame,)``: the token frame each input frame maps to.
+        prompt: the :class:`~attnlens.refam.RefamPrompt` used.
+        expression: the :class:`~attnlens.refam.ParsedExpression`.
+        options: the :class:`~attnlens.refam.RefamOptions` as a dict.
+        info: what actually ran: ``gas_applied``, ``sinks``, ``sink_layers`` (for an image model
+            run frame by frame: over all frames, and each frame's in ``per_frame``),
+            ``resolution``, ``grid`` (token frames, y, x), ``temporal_compression`` (input frames
+            per latent frame), ``refiner`` (per input frame) and, with a video segmenter,
+            ``prompt_frame`` (the input frame whose points prompted it).
+    """
+
+    masks: np.ndarray
+    heatmaps: np.ndarray
+    points: list[np.ndarray]
+    point_labels: list[np.ndarray]
+    maps: xr.Dataset
+    prompt: RefamPrompt
+    expression: ParsedExpression
+    options: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- input clips -------------------------------------------------------------------------------------
+
+
+def _as_clip(frames: Any) -> np.ndarray:
+    """A sequence of images, or an array ``(T, H, W)`` / ``(T, H, W, 1|3|4)`` → ``(T, H, W, 3)`` uint8."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if isinstance(frames, Image.Image | str):
+        raise RefamError(f"a video is a sequence of frames; got a {type(frames).__name__}: use refam.segment")
+    if isinstance(frames, np.ndarray):
+        if frames.ndim not in (3, 4):
+            raise RefamError(f"a video array is (T, H, W) or (T, H, W, C); got shape {frames.shape}")
+        if frames.ndim == 3 and frames.shape[-1] in (3, 4) and len(frames):
+            raise RefamError(
+                f"a 3-D array is read as (T, H, W) grey frames, and one of shape {frames.shape} looks like "
+                "an image: give one image as frames[None] (a 1-frame video) or use refam.segment"
+            )
+    items = list(frames)
+    if not items:
+        raise EmptyVideoError("the video has no frames: give at least one")
+    rgb = [_as_rgb(f) for f in items]
+    sizes = sorted({f.shape[:2] for f in rgb})
+    if len(sizes) > 1:
+        raise RefamError(f"the frames of a video share one size; got {sizes}")
+    return np.stack(rgb)
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+class _Frames:
+    """An image model run frame by frame: each frame encoded, noised and captured on its own."""
+
+    temporal = 1
+
+    def __init__(self, image: _Backend) -> None:
+        self.image = image
+        self.tokenizer, self.max_length, self.side = image.tokenizer, image.max_length, image.side
+
+    def attention(
+        self, clip: np.ndarray, prompt: RefamPrompt, opts: RefamOptions, info: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """``(cross (layer, query, key_text), grid (query, 3), layer names, token frame (T,))``."""
+        crosses, grids, per_frame = [], [], []
+        for i, frame in enumerate(clip):
+            frame_info: dict[str, Any] = {"sinks": [], "sink_layers": []}
+            cross, grid, names = _attention(self.image, frame, prompt, opts, frame_info)
+            grid = grid.copy()
+            grid[:, 0] = i
+            crosses.append(cross)
+            grids.append(grid)
+            per_frame.append(frame_info)
+        applied = {f["gas_applied"] for f in per_frame}
+        info["gas_applied"] = applied.pop() if len(applied) == 1 else "mixed"
+        if opts.sinks == "auto":  # found on each frame: their union
+            info["sinks"] = sorted({p for f in per_frame for p in f["sinks"]})
+            info["sink_layers"] = sorted({n for f in per_frame for n in f["sink_layers"]})
+        else:  # chosen: the same for every frame
+            info["sinks"] = per_frame[0]["sinks"]
+        info["per_frame"] = per_frame
+        return np.concatenate(crosses, axis=1), np.concatenate(grids), names, np.arange(len(clip))
+
+
+class _VideoBackend(_Backend):
+    """A video DiT pipeline: its VAE encodes the clip, its transformer runs one noised forward.
+
+    Subclasses set ``temporal`` (input frames per latent frame), ``spatial`` (pixels per latent),
+    ``patch_t`` and ``patch`` (latent frames and latents per token side), and implement
+    :meth:`encode_video` and :meth:`run`. Encodings are cached per clip and prompt: the GAS probe
+    and several forwards encode once. The noise is drawn on the CPU from ``seed``, so that a seed
+    gives the same noise on any device.
+    """
+
+    temporal: int
+    patch_t: int = 1
+    spatial: int
+    patch: int
+    default_side = 480
+
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        self.pipe, self.options = pipe, options
+        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
+        step = self.spatial * self.patch  # one token covers patch × patch latents
+        side = options.resolution or self.default_side
+        self.side = max(step, round(side / step) * step)
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    def attention(
+        self, clip: np.ndarray, prompt: RefamPrompt, opts: RefamOptions, info: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """``(cross (layer, query, key_text), grid (query, 3), layer names, token frame (T,))``."""
+        r, n = self.temporal, len(clip)
+        padded = 1 + r * math.ceil((n - 1) / r)  # the causal VAEs encode 1 + r·k frames
+        clip = np.concatenate([clip, np.repeat(clip[-1:], padded - n, axis=0)])
+        cross, grid, names = _attention(self, clip, prompt, opts, info)
+        latent = -(-np.arange(n) // r)  # ceil(i / r): frame 0 alone, then r frames per latent frame
+        return cross, grid, names, latent // self.patch_t
+
+    def _cached(self, key: str, ref: Any, make: Any) -> Any:
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not ref:
+            hit = (ref, make())
+            self._cache[key] = hit
+        return hit[1]
+
+    @torch.no_grad()
+    def latents(self, clip: np.ndarray) -> torch.Tensor:
+        """The clip ``(T, side, side, 3)`` uint8 → latents ``(1, C, F, h, w)``, F a multiple of patch_t."""
+
+        def make() -> torch.Tensor:
+            pixels = torch.tensor(clip, dtype=torch.float32).permute(3, 0, 1, 2)[None] / 127.5 - 1
+            z = self.encode_video(pixels.to(self.vae.device, self.vae.dtype)).float()
+            expected = (len(clip) - 1) // self.temporal + 1
+            if z.shape[2] != expected:
+                raise RefamError(
+                    f"the VAE encoded {len(clip)} frames into {z.shape[2]} latent frames, not the "
+                    f"{expected} that a temporal compression of {self.temporal} gives"
+                )
+            extra = -z.shape[2] % self.patch_t  # CogVideoX 1.5 patches 2 latent frames: repeat the last
+            return torch.cat([z, z[:, :, -1:].expand(-1, -1, extra, -1, -1)], dim=2) if extra else z
+
+        return self._cached("latents", clip, make)
+
+    def forward(self, pixels: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+        latents = self.latents(pixels)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
+        self.run(latents, noise, prompt, t)
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(1, 3, T, H, W)`` in ``[-1, 1]`` → normalised latents ``(1, C, F, h, w)``."""
+        raise NotImplementedError
+
+    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
+        """One transformer forward on the latents noised to flow time ``t``."""
+        raise NotImplementedError
+
+    def _text(self, prompt: RefamPrompt) -> tuple:
+        """The pipeline's ``encode_prompt`` without CFG, cached: the probe and the forwards share it."""
+        return self._cached(
+            "text",
+            prompt,
+            lambda: self.pipe.encode_prompt(
+                prompt.text,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_length,
+                device=self.transformer.device,
+            ),
+        )
+
+    def _scale(self, key: str, z: torch.Tensor) -> torch.Tensor:
+        values = getattr(self.vae.config, key, None)
+        return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+
+    def _flow(self, latents: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        x_t = (1 - t) * latents + t * noise
+        return x_t.to(self.transformer.device, self.transformer.dtype)
+
+
+class _WanBackend(_VideoBackend):
+    """Wan 2.1 / 2.2: latents ``(z − mean) / std``; timestep ``t · 1000``; cross-attention layers only.
+
+    Wan 2.2 A14B holds a high-noise ``transformer`` and a low-noise ``transformer_2`` and switches at
+    ``boundary_ratio``; the one the pipeline would use at ``t`` runs. Wan 2.2 TI2V passes one
+    timestep per token (``expand_timesteps``).
+    """
+
+    layers = gas_layers = "cross.*"  # self-attention layers hold no text keys
+
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        self.temporal, self.spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        self.patch_t, self.patch = pipe.transformer.config.patch_size[:2]
+        super().__init__(pipe, options)
+        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
+        self.max_length = options.max_sequence_length or min(512, limit)
+        self.steps = pipe.scheduler.config.num_train_timesteps
+        boundary = getattr(pipe.config, "boundary_ratio", None)
+        second = getattr(pipe, "transformer_2", None)
+        low_noise = boundary is not None and second is not None and options.t < boundary
+        self.transformer = second if low_noise else pipe.transformer
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels).latent_dist.mode()
+        return (z - self._scale("latents_mean", z)) / self._scale("latents_std", z)
+
+    @torch.no_grad()
+    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
+        device = self.transformer.device
+        embeds = self._text(prompt)[0]
+        x_t = self._flow(latents, noise, t)
+        timestep = torch.full((1,), t * self.steps, device=device)
+        if getattr(self.pipe.config, "expand_timesteps", False):
+            _, _, f, h, w = x_t.shape
+            timestep = timestep.expand(1, f * (h // self.patch) * (w // self.patch))
+        self.transformer(
+            hidden_states=x_t,
+            timestep=timestep,
+            encoder_hidden_states=embeds.to(self.transformer.dtype),
+            return_dict=False,
+        )
+
+
+class _CogVideoXBackend(_VideoBackend):
+    """CogVideoX: latents ``z · scaling_factor``, frame-first; DDPM noising by the scheduler; 3D RoPE.
+
+    CogVideoX is a v-prediction DDPM model, not a flow: the clip is noised with the scheduler's
+    ``add_noise`` at the training timestep nearest ``t · num_train_timesteps``. The text is padded
+    to the transformer's ``max_text_seq_length``.
+    """
+
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        config = pipe.transformer.config
+        self.temporal, self.spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        self.patch, self.patch_t = config.patch_size, config.patch_size_t or 1
+        super().__init__(pipe, options)
+        self.transformer = pipe.transformer
+        self.max_length = config.max_text_seq_length
+        if options.max_sequence_length not in (None, self.max_length):
+            raise RefamError(
+                f"CogVideoX reads text of its transformer's max_text_seq_length ({self.max_length}) tokens; "
+                "leave max_sequence_length=None"
+            )
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
+        pipe, device, dtype = self.pipe, self.transformer.device, self.transformer.dtype
+        embeds = self._text(prompt)[0]
+        steps = pipe.scheduler.config.num_train_timesteps
+        timestep = torch.tensor([min(steps - 1, max(0, round(t * steps)))])
+        x_t = pipe.scheduler.add_noise(latents, noise, timestep)
+        x_t = x_t.permute(0, 2, 1, 3, 4).to(device, dtype)  # CogVideoX latents are frame-first
+        _, frames, _, h, w = x_t.shape
+        rotary = None
+        if self.transformer.config.use_rotary_positional_embeddings:
+            height, width = h * self.spatial, w * self.spatial
+            rotary = pipe._prepare_rotary_positional_embeddings(height, width, frames, device)
+        self.transformer(
+            hidden_states=x_t,
+            encoder_hidden_states=embeds.to(dtype),
+            timestep=timestep.to(device),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )
+
+
+class _MochiBackend(_VideoBackend):
+    """Mochi 1: latents ``(z − mean) · scaling_factor / std``; text with its padding mask.
+
+    Mochi's scheduler inverts sigmas: its transformer reads the timestep ``(1 − t) · 1000`` at flow
+    time ``t``; a scheduler that does not invert gives ``t · 1000``, as the pipeline would.
+    """
+
+    def __init__(self, pipe: Any, options: RefamOptions) -> None:
+        vae = pipe.vae.config
+        self.temporal, self.spatial = math.prod(vae.temporal_expansions), math.prod(vae.spatial_expansions)
+        self.patch = pipe.transformer.config.patch_size
+        super().__init__(pipe, options)
+        self.transformer = pipe.transformer
+        limit = int(getattr(self.tokenizer, "model_max_length", 256) or 256)
+        self.max_length = options.max_sequence_length or min(256, limit)
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels).latent_dist.mode()
+        if getattr(self.vae.config, "latents_mean", None) is None:
+            return z * self.vae.config.scaling_factor
+        return (
+            (z - self._scale("latents_mean", z))
+            * self.vae.config.scaling_factor
+            / self._scale("latents_std", z)
+        )
+
+    @torch.no_grad()
+    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
+        device, dtype = self.transformer.device, self.transformer.dtype
+        embeds, mask = self._text(prompt)[:2]  # Mochi's text comes with its padding mask
+        scheduler = self.pipe.scheduler.config
+        flow = (1 - t) if scheduler.get("invert_sigmas", False) else t
+        self.transformer(
+            hidden_states=self._flow(latents, noise, t),
+            encoder_hidden_states=embeds.to(dtype),
+            timestep=torch.full((1,), flow * scheduler.num_train_timesteps, device=device, dtype=dtype),
+            encoder_attention_mask=mask,
+            return_dict=False,
+        )
+
+
+def _video_backend(model: Any, options: RefamOptions) -> _VideoBackend | _Frames:
+    """The backend of a video pipeline, or an image model's backend run frame by frame."""
+    if isinstance(model, str):
+        from .. import zoo
+
+        model = zoo.load(model)
+    try:  # image models first: the embedded one needs no diffusers pipeline import
+        return _Frames(_image_backend(model, options))
+    except UnsupportedModelError:
+        pass
+    from diffusers import CogVideoXPipeline, MochiPipeline, WanPipeline
+
+    for pipeline, backend in (
+        (WanPipeline, _WanBackend),
+        (CogVideoXPipeline, _CogVideoXBackend),
+        (MochiPipeline, _MochiBackend),
+    ):
+        if isinstance(model, pipeline):
+            if getattr(model, "vae", None) is None:
+                raise UnsupportedModelError(
+                    f"refam.segment_video encodes clips with the {pipeline.__name__}'s VAE; this one has none"
+                )
+            return backend(model, options)
+    raise UnsupportedModelError(
+        "refam.segment_video takes a diffusers WanPipeline, CogVideoXPipeline or MochiPipeline, an "
+        "image model that refam.segment takes (run frame by frame), or a zoo model name; got "
+        f"{type(model).__name__}"
+    )
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
+def segment_video(
+    frames: Any,
+    expression: str,
+    model: Any = "shapes-flux",
+    segmenter: Any = None,
+    **options: Any,
+) -> RefamVideoResult:
+    """Segment the object a referring expression names in every frame of a clip.
+
+    >>> from attnlens.testing import tiny_shapes_pipeline
+    >>> frames = np.zeros((2, 40, 50, 3), dtype=np.uint8)  # (T, H, W, 3)
+    >>> r = segment_video(frames, "the red circle", model=tiny_shapes_pipeline())
+    >>> r.masks.shape, r.heatmaps.shape, r.maps["target"].dims
+    ((2, 40, 50), (2, 40, 50), ('layer', 'frame', 'y', 'x'))
+
+    Args:
+        frames: a sequence of PIL images or arrays (as :func:`~attnlens.refam.segment` takes them,
+            all of one size), or an array ``(T, H, W)`` grey / ``(T, H, W, 1|3|4)``; ``T ≥ 1``.
+        expression: e.g. ``"the dog running on the left"`` (temporal words are not modelled).
+        model: a loaded diffusers ``WanPipeline``, ``CogVideoXPipeline`` or ``MochiPipeline`` (with
+            its VAE); an image model of :func:`~attnlens.refam.segment` (a
+            :class:`~attnlens.zoo.ShapesPipeline`, a ``FluxPipeline``, a zoo name), run frame by frame.
+        segmenter: ``None`` (the threshold refiner per frame); a ``(Sam2VideoModel,
+            Sam2VideoProcessor)`` pair from ``transformers`` (prompted on the frame with the
+            strongest peak, propagated through the clip); or an image segmenter of
+            :func:`~attnlens.refam.segment`, applied frame by frame.
+        **options: fields of :class:`~attnlens.refam.RefamOptions`.
+
+    Returns:
+        a :class:`RefamVideoResult`; ``masks`` and ``heatmaps`` are ``(T, H, W)``, the input's size.
+
+    Raises:
+        EmptyVideoError: the clip has no frame.
+        EmptyExpressionError, NoNounError: the expression names nothing to segment.
+        SegmenterMismatchError: the segmenter is not usable, or returned masks of another size.
+        UnsupportedModelError: the model is none of the above.
+    """
+    opts = _options(options)
+    parsed = parse(expression, parser=opts.parser)
+    per_frame, propagate = video_segmenter(segmenter)
+    clip = _as_clip(frames)
+    n, height, width = clip.shape[:3]
+    backend = _video_backend(model, opts)
+    prompt = _prompt(parsed, backend, opts)
+    info = _info(backend, parsed)
+    work = np.stack([_resized(frame, backend.side) for frame in clip])
+    cross, grid, layer_names, token_frame = backend.attention(work, prompt, opts, info)
+    maps = _aggregate(cross, grid, layer_names, prompt, parsed, opts)
+    maps["token_frame"] = ("input_frame", token_frame)
+    info.update(grid=tuple(maps["heatmap"].shape), temporal_compression=backend.temporal)
+
+    heatmaps = np.stack([_heat(maps["heatmap"].values[f], (height, width)) for f in token_frame])
+    points, labels = zip(
+        *(_points(maps.isel(frame=int(f)), opts, (height, width)) for f in token_frame), strict=True
+    )
+    if propagate is not None and opts.refine:
+        prompted = int(np.argmax(maps["heatmap"].values.max(axis=(1, 2))[token_frame]))  # the strongest peak
+        masks = np.asarray(propagate(clip, prompted, points[prompted], labels[prompted]))
+        if masks.shape != (n, height, width):
+            raise SegmenterMismatchError(
+                f"the video segmenter returned masks of shape {masks.shape} for a clip of {n, height, width}"
+            )
+        masks, refiners = masks.astype(bool), ["sam2 video"] * n
+        for i in np.flatnonzero(~masks.any(axis=(1, 2))):  # never a silent empty mask: threshold that frame
+            peak = tuple(points[i][0]) if len(points[i]) else None
+            masks[i], refiners[i] = (
+                threshold_refine(heatmaps[i], opts.component, peak),
+                "sam2 video (empty) → otsu",
+            )
+        info["prompt_frame"] = prompted
+    else:
+        refined = [
+            refine(
+                clip[i],
+                heatmaps[i],
+                points[i],
+                labels[i],
+                per_frame,
+                enabled=opts.refine,
+                component=opts.component,
+            )
+            for i in range(n)
+        ]
+        masks, refiners = np.stack([m for m, _ in refined]), [r for _, r in refined]
+    info["refiner"] = refiners
+    return RefamVideoResult(
+        masks=masks,
+        heatmaps=heatmaps,
+        points=list(points),
+        point_labels=list(labels),
+        maps=maps,
+        prompt=prompt,
+        expression=parsed,
+        options=dataclasses.asdict(opts),
+        info=info,
+    )
