@@ -25,7 +25,7 @@ from ..session import capture
 from .evaluate import generation, grounding, summarise, train_readout
 from .shapes import ShapesPipeline
 
-__all__ = ["CLAIM_SUBSET", "Measurements", "claims", "measure", "write_card"]
+__all__ = ["CLAIM_SUBSET", "Measurements", "bars", "claims", "measure", "write_card"]
 
 #: the frozen subset the test suite re-measures: the first test expressions
 CLAIM_SUBSET = 80
