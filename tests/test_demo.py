@@ -14,7 +14,7 @@ from PIL import Image
 from attnlens import demo
 from attnlens.cli import main
 from attnlens.datasets import shapesref
-from attnlens.refam.benchmark import VARIANTS, evaluate, summarise
+from attnlens.refam.benchmark import VARIANTS, evaluate, summarise, video_scores
 from attnlens.report import Report
 from attnlens.store import open_store
 from attnlens.zoo import card
@@ -78,6 +78,18 @@ def test_benchmark_scores_variants_and_baselines(pipe):
     assert table[table.variant == "colour lookup"].pointing.isna().all()
     refam = rows[rows.variant == "RefAM"]
     assert refam.iou.between(0, 1).all() and refam.pointing.isin([0.0, 1.0]).all()
+
+
+def test_video_benchmark_scores_j_and_f_frame_by_frame(pipe):
+    pairs = list(shapesref.expressions("test", 2, video=True))
+    table = video_scores(pipe, pairs, progress=False).set_index("variant")
+    assert list(table.index[:2]) == ["RefAM", "attention only"] and (table.n == 2).all()
+    assert set(shapesref.BASELINES) <= set(table.index)
+    assert table["J&F"].between(0, 1).all()
+    np.testing.assert_allclose(table["J&F"], (table.J + table.F) / 2)
+    # the whole image scores J = the target's mean area over the frames
+    areas = [v.masks[:, e.target].mean() for v, e in pairs]
+    assert table.loc["whole image", "J"] == pytest.approx(np.mean(areas))
 
 
 def test_segment_command_writes_a_mask_at_the_input_size(tmp_path, saved, capsys):

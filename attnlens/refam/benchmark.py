@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..analysis.metrics import j_and_f
 from ..datasets import shapesref
 from .image import segment
+from .video import segment_video
 
-__all__ = ["VARIANTS", "evaluate", "summarise"]
+__all__ = ["VARIANTS", "evaluate", "summarise", "video_scores"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "RefAM": {},
@@ -99,6 +101,53 @@ def summarise(rows: pd.DataFrame, subsets: bool = True) -> pd.DataFrame:
                 )
             )
     return pd.DataFrame(out)
+
+
+def video_scores(
+    model: Any,
+    pairs: Iterable[tuple[shapesref.Video, shapesref.Expression]],
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    segmenter: Any = None,
+    progress: bool = True,
+    **options: Any,
+) -> pd.DataFrame:
+    """J, F and J&F (mean over expressions of the per-video scores) of each variant on video
+    expressions, beside the baselines of :func:`~attnlens.datasets.shapesref.baselines` drawn
+    frame by frame.
+
+    Args:
+        model: what :func:`~attnlens.refam.segment_video` takes.
+        pairs: ``(video, expression)`` pairs, e.g. ``shapesref.expressions("test", 100, video=True)``.
+        variants: name → option overrides (default: ``RefAM`` and ``attention only`` of :data:`VARIANTS`).
+    """
+    pairs = list(pairs)
+    variants = variants or {k: VARIANTS[k] for k in ("RefAM", "attention only")}
+    scores: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    bar = tqdm(total=len(pairs) * len(variants), desc="RefAM video", disable=not progress)
+    for video, e in pairs:
+        target = video.masks[:, e.target]
+        for name, overrides in variants.items():
+            clip = segment_video(
+                video.frames, e.text, model=model, segmenter=segmenter, **{**options, **overrides}
+            )
+            scores[name].append(j_and_f(clip.masks, target))
+            bar.update()
+    bar.close()
+    for video, e in pairs:
+        frames = [(_frame(video, t), e) for t in range(len(video.frames))]
+        for name, masks in shapesref.baselines(frames).items():
+            scores.setdefault(name, []).append(j_and_f(masks, video.masks[:, e.target]))
+    return pd.DataFrame(
+        [{"variant": name, "n": len(s), **pd.DataFrame(s).mean().to_dict()} for name, s in scores.items()]
+    )
+
+
+def _frame(v: shapesref.Video, t: int) -> shapesref.Scene:
+    """Frame ``t`` of a video as a still scene, for the baselines drawn frame by frame."""
+    return shapesref.Scene(
+        v.frames[t], v.masks[t], v.objects, v.background, v.textured, v.caption, v.expressions
+    )
 
 
 def _row(
