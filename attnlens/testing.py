@@ -245,13 +245,19 @@ def tiny_shapes_pipeline(seed: int = 0):
 
     It reads ShapesRef's vocabulary and ``64 × 64`` images (an ``8 × 8`` token grid).
     """
-    from .datasets.shapesref import VOCAB
-    from .zoo.shapes import ShapesConfig, ShapesPipeline
+    from .zoo.shapes import ShapesPipeline
 
-    config = ShapesConfig(
+    return ShapesPipeline.untrained(tiny_shapes_config(), seed=seed)
+
+
+def tiny_shapes_config():
+    """The :class:`~attnlens.zoo.ShapesConfig` of :func:`tiny_shapes_pipeline`."""
+    from .datasets.shapesref import VOCAB
+    from .zoo.shapes import ShapesConfig
+
+    return ShapesConfig(
         num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, vocab_size=len(VOCAB)
     )
-    return ShapesPipeline.untrained(config, seed=seed)
 
 
 def _tiny_t5(tokenizer: Any, d_model: int = 32, num_layers: int = 2, num_heads: int = 4):
@@ -275,26 +281,12 @@ def _tiny_t5(tokenizer: Any, d_model: int = 32, num_layers: int = 2, num_heads: 
 # -- video pipelines: a clip of 1 + 4k (Wan, CogVideoX) or 1 + 6k (Mochi) frames of 16·n pixels -------------
 
 
-def tiny_wan_pipeline(seed: int = 0, max_sequence_length: int = 16):
-    """A ``WanPipeline`` of tiny random parts: Wan VAE (8× spatial, 4× temporal), UMT5-like T5, transformer.
+def tiny_wan_transformer(seed: int = 0, **config: Any):
+    """A random ``WanTransformer3DModel``: patches of ``1 × 2 × 2``, 2 blocks, 2 heads × 12, 16
+    latent channels, text width 32; ``config`` overrides any of it."""
+    from diffusers import WanTransformer3DModel
 
-    A clip of ``(frames, 32, 32)`` pixels gives a ``((frames − 1)/4 + 1, 4, 4)`` latent and a
-    ``(latent frames, 2, 2)`` token grid (patches of ``1 × 2 × 2``); 2 blocks, 2 heads × 12.
-    """
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-
-    tokenizer = tiny_t5_tokenizer(max_sequence_length)
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
-    transformer = WanTransformer3DModel(
+    defaults = dict(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -307,7 +299,71 @@ def tiny_wan_pipeline(seed: int = 0, max_sequence_length: int = 16):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+    )
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**defaults, **config}).eval()
+
+
+def tiny_cogvideox_transformer(seed: int = 0, **config: Any):
+    """A random ``CogVideoXTransformer3DModel`` with 3D rotary embeddings: ``patch_size=2``, 2 blocks,
+    2 heads × 16, 4 latent channels, text width 8, 16 text tokens; ``config`` overrides any of it."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    defaults = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=8,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=8,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        use_rotary_positional_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(**{**defaults, **config}).eval()
+
+
+def tiny_mochi_transformer(seed: int = 0, **config: Any):
+    """A random ``MochiTransformer3DModel``: ``patch_size=2``, 2 blocks, 2 heads × 8, 4 latent
+    channels, text width 16, 16 text tokens; ``config`` overrides any of it."""
+    from diffusers import MochiTransformer3DModel
+
+    defaults = dict(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        text_embed_dim=16,
+        time_embed_dim=4,
+        max_sequence_length=16,
+    )
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(**{**defaults, **config}).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """A ``WanPipeline`` of tiny random parts: Wan VAE (8× spatial, 4× temporal), UMT5-like T5, transformer.
+
+    A clip of ``(frames, 32, 32)`` pixels gives a ``((frames − 1)/4 + 1, 4, 4)`` latent and a
+    ``(latent frames, 2, 2)`` token grid (patches of ``1 × 2 × 2``); 2 blocks, 2 heads × 12.
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    transformer = tiny_wan_transformer(seed)
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -324,12 +380,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, max_sequence_length: int = 16):
     2 heads × 16 and ``max_text_seq_length = max_sequence_length``; its scheduler is
     ``CogVideoXDDIMScheduler`` (v-prediction).
     """
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
 
     tokenizer = tiny_t5_tokenizer(max_sequence_length)
     torch.manual_seed(seed)
@@ -345,22 +396,14 @@ def tiny_cogvideox_pipeline(seed: int = 0, max_sequence_length: int = 16):
         temporal_compression_ratio=4,
     ).eval()
     text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
+    transformer = tiny_cogvideox_transformer(
+        seed,
         text_embed_dim=32,
-        num_layers=2,
         sample_width=4,
         sample_height=4,
         sample_frames=5,
-        patch_size=2,
-        temporal_compression_ratio=4,
         max_text_seq_length=max_sequence_length,
-        use_rotary_positional_embeddings=True,
-    ).eval()
+    )
     return CogVideoXPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -376,12 +419,7 @@ def tiny_mochi_pipeline(seed: int = 0, max_sequence_length: int = 16):
     Its scheduler inverts sigmas as Mochi's does (timesteps rise from noise towards data); the
     transformer has ``patch_size=2``, 2 blocks, 2 heads × 8.
     """
-    from diffusers import (
-        AutoencoderKLMochi,
-        FlowMatchEulerDiscreteScheduler,
-        MochiPipeline,
-        MochiTransformer3DModel,
-    )
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
 
     tokenizer = tiny_t5_tokenizer(max_sequence_length)
     torch.manual_seed(seed)
@@ -393,17 +431,9 @@ def tiny_mochi_pipeline(seed: int = 0, max_sequence_length: int = 16):
         layers_per_block=(1, 1, 1, 1, 1),
     ).eval()
     text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
-    transformer = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=12,
-        text_embed_dim=32,
-        time_embed_dim=4,
-        max_sequence_length=max_sequence_length,
-    ).eval()
+    transformer = tiny_mochi_transformer(
+        seed, in_channels=12, text_embed_dim=32, max_sequence_length=max_sequence_length
+    )
     return MochiPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
         vae=vae,

@@ -21,7 +21,12 @@ import pytest
 import torch
 
 import attnlens
-from attnlens.testing import tiny_t5_tokenizer
+from attnlens.testing import (
+    tiny_cogvideox_transformer,
+    tiny_mochi_transformer,
+    tiny_t5_tokenizer,
+    tiny_wan_transformer,
+)
 
 ATOL = 1e-5
 FRAMES, ROWS, COLS = 2, 3, 5  # token grid: more than one frame, not square
@@ -45,20 +50,7 @@ def _text_mask() -> torch.Tensor:
 
 
 def _mochi() -> tuple[torch.nn.Module, dict[str, Any]]:
-    from diffusers import MochiTransformer3DModel
-
-    torch.manual_seed(0)
-    model = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=4,
-        text_embed_dim=16,
-        time_embed_dim=4,
-        max_sequence_length=16,
-    ).eval()
+    model = tiny_mochi_transformer()
     inputs = dict(
         hidden_states=_rand(2, 4, FRAMES, 2 * ROWS, 2 * COLS),  # (batch, channels, frames, height, width)
         encoder_hidden_states=_rand(2, N_TEXT, 16, seed=1),
@@ -69,26 +61,9 @@ def _mochi() -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def _cogvideox() -> tuple[torch.nn.Module, dict[str, Any]]:
-    from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    torch.manual_seed(0)
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        num_layers=2,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=8,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=N_TEXT,
-        use_rotary_positional_embeddings=True,
-    ).eval()
+    model = tiny_cogvideox_transformer(max_text_seq_length=N_TEXT)
     rope = get_3d_rotary_pos_embed(
         embed_dim=16, crops_coords=((0, 0), (ROWS, COLS)), grid_size=(ROWS, COLS), temporal_size=FRAMES
     )
@@ -101,34 +76,13 @@ def _cogvideox() -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, inputs
 
 
-def _wan_transformer(seed: int = 0, **config: Any) -> torch.nn.Module:
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    defaults = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    return WanTransformer3DModel(**{**defaults, **config}).eval()
-
-
 def _wan() -> tuple[torch.nn.Module, dict[str, Any]]:
     inputs = dict(
         hidden_states=_rand(2, 16, FRAMES, 2 * ROWS, 2 * COLS),
         timestep=torch.tensor([900, 900]),
         encoder_hidden_states=_rand(2, N_TEXT, 32, seed=1),
     )
-    return _wan_transformer(), inputs
+    return tiny_wan_transformer(), inputs
 
 
 def _hunyuan() -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -510,7 +464,7 @@ def test_cache_context_names_label_branches():
 
 def test_wan_image_to_video_cross_attention_keeps_the_text_call(monkeypatch):
     """Wan 2.1 I2V attends to the CLIP image context first and to the (512) text tokens second."""
-    model = _wan_transformer(num_layers=1, image_dim=16, added_kv_proj_dim=24)
+    model = tiny_wan_transformer(num_layers=1, image_dim=16, added_kv_proj_dim=24)
     inputs = dict(
         hidden_states=_rand(1, 16, 1, 4, 6),
         timestep=torch.tensor([900]),
@@ -626,8 +580,8 @@ def test_wan22_captures_both_transformers():
         text_encoder=_t5(tok, 32),
         vae=None,
         scheduler=scheduler,
-        transformer=_wan_transformer(0),
-        transformer_2=_wan_transformer(1),
+        transformer=tiny_wan_transformer(0),
+        transformer_2=tiny_wan_transformer(1),
         boundary_ratio=0.875,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -17,17 +17,12 @@ from attnlens.datasets import shapesref
 from attnlens.refam.benchmark import VARIANTS, evaluate, summarise, video_scores
 from attnlens.report import Report
 from attnlens.store import open_store
+from attnlens.testing import tiny_shapes_config
 from attnlens.zoo import card
-from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
+from attnlens.zoo.shapes import ShapesPipeline
 from attnlens.zoo.train import TrainConfig, train
 
-TINY = ShapesConfig(
-    num_layers=1,
-    num_single_layers=1,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    vocab_size=len(shapesref.VOCAB),
-)
+TINY = tiny_shapes_config()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,12 @@ import torch
 
 import attnlens
 from attnlens.datasets import shapesref
+from attnlens.testing import tiny_shapes_config
 from attnlens.zoo.evaluate import grounding, otsu, summarise
-from attnlens.zoo.shapes import ShapesConfig, ShapesPipeline
+from attnlens.zoo.shapes import ShapesPipeline
 from attnlens.zoo.train import TrainConfig, train
 
-TINY = ShapesConfig(
-    num_layers=1,
-    num_single_layers=1,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    vocab_size=len(shapesref.VOCAB),
-)
+TINY = tiny_shapes_config()
 FAST = TrainConfig(steps=4, batch=4, checkpoint_every=2, warmup=2)
 
 
