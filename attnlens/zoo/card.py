@@ -62,10 +62,17 @@ def _pick(table: pd.DataFrame, model: str, words: str, subset: str, metric: str)
 
 
 def claims(pipe: ShapesPipeline, t: float, n: int = CLAIM_SUBSET) -> dict[str, float]:
-    """The figures of ``pipe`` on the first ``n`` test expressions at noise level ``t``."""
-    run = grounding(pipe, shapesref.expressions("test", n), t=t)
-    table = summarise(run, pipe.config.patch, "model")
+    """The figures of ``pipe`` on the first ``n`` test expressions: word maps at noise level ``t``,
+    and RefAM's and the attention-only baseline's mIoU with RefAM's defaults."""
+    from ..refam.benchmark import VARIANTS, evaluate
+
+    pairs = list(shapesref.expressions("test", n))
+    table = summarise(grounding(pipe, pairs, t=t), pipe.config.patch, "model")
+    rows = evaluate(pipe, pairs, {k: VARIANTS[k] for k in ("RefAM", "attention only")}, progress=False)
+    refam = rows.groupby("variant").iou.mean()
     return {
+        "RefAM mIoU": float(refam["RefAM"]),
+        "attention-only mIoU": float(refam["attention only"]),
         "phrase mIoU": _pick(table, "model", "phrase", "all", "mIoU"),
         "colour pointing, colour unique": _pick(table, "model", "colour", "colour unique", "pointing"),
         "noun pointing, same-colour distractor": _pick(
