@@ -1,8 +1,9 @@
-"""The embedded-model machinery: pixel patches, save/load, deterministic resumable training."""
+"""The embedded models: pixel patches, save/load, resumable training, and the shipped weights."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import attnlens
 from attnlens.datasets import shapesref
+from attnlens.errors import UnsupportedModelError
 from attnlens.testing import tiny_shapes_config
 from attnlens.zoo.evaluate import grounding, otsu, summarise
 from attnlens.zoo.shapes import ShapesPipeline
@@ -103,3 +105,49 @@ def test_zoo_train_command_trains_and_resumes(tmp_path):
     assert main([*args[:-4], "--steps", "2", "--batch", "2"]) == 0  # resumes from the checkpoint
     assert json.loads((tmp_path / "train_log.json").read_text())["images_seen"] == 4
     assert ShapesPipeline.load(tmp_path).config.num_layers == 3
+
+
+# -- the shipped model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from attnlens import zoo
+
+    folder = Path(zoo.__file__).parent / "shapes-flux"
+    claims = json.loads((folder / "claims.json").read_text())
+    bars = json.loads((folder / "bars.json").read_text())
+    return zoo.load("shapes-flux"), claims, bars
+
+
+def test_the_shipped_model_loads_offline_as_a_flux_transformer(shipped):
+    from diffusers import FluxTransformer2DModel
+
+    from attnlens import zoo
+
+    pipe, _, _ = shipped
+    assert "shapes-flux" in zoo.available()
+    assert isinstance(pipe.transformer, FluxTransformer2DModel)
+    with attnlens.capture(pipe, keep="cross") as cap:
+        pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert cap.result.sizes["layer"] == pipe.config.num_layers + pipe.config.num_single_layers
+    with pytest.raises(UnsupportedModelError, match="available: shapes-flux"):
+        zoo.load("shapes-nothing")
+
+
+def test_the_shipped_model_meets_what_its_card_claims_and_the_untrained_model_does_not(shipped):
+    from attnlens.zoo.card import claims as measure_claims
+
+    pipe, claimed, bars = shipped
+    n, t, tolerance = claimed["subset"], claimed["t"], claimed["tolerance"]
+    trained = measure_claims(pipe, t, n)
+    untrained = measure_claims(ShapesPipeline.untrained(pipe.config, seed=1), t, n)
+    for name, value in claimed["figures"].items():
+        assert trained[name] == pytest.approx(value, abs=tolerance), name
+    # every claimed figure is well above what random weights give
+    for name in ("phrase mIoU", "colour pointing, colour unique"):
+        assert untrained[name] < trained[name] - 0.1, name
+    colour = next(b for b in bars if b["bar"].startswith("colour-word pointing"))
+    if colour["met"]:
+        assert trained["colour pointing, colour unique"] >= 0.9 - tolerance
+        assert untrained["colour pointing, colour unique"] < 0.9 - tolerance
