@@ -28,7 +28,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = demo.run(args.out, model=args.model, scenes=args.scenes, steps=args.steps)
     console.print(f"captured into {result.store}")
     _print_frame(result.token_mass, "share of incoming attention by token kind, and the top text token")
-    _print_frame(result.sinks, "attention sinks per layer")
+    sinks = result.sinks[[c for c in ("layer", "gas", "gas_share", "top_kind") if c in result.sinks]]
+    _print_frame(sinks, "global attention sinks per layer (token@position, share of steps)")
     _print_frame(result.segmentation, "referring segmentation by attention (ShapesRef test scenes)")
     console.print(f"report written to {result.report}")
     return 0

@@ -26,7 +26,7 @@ from . import zoo
 from .analysis import find_sinks, mass_by_kind, plot_sinks, sinks_by_layer
 from .datasets import shapesref
 from .refam import segment
-from .refam.benchmark import VARIANTS, evaluate, summarise
+from .refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise
 from .report import Report
 from .session import capture
 from .store import open_store
@@ -34,7 +34,7 @@ from .store import open_store
 __all__ = ["DemoResult", "run", "token_mass"]
 
 #: the variants the demo compares (the benchmark script runs every ablation)
-DEMO_VARIANTS = {name: VARIANTS[name] for name in ("RefAM", "attention only")}
+DEMO_VARIANTS = {name: VARIANTS[name] for name in ("RefAM", "attention only, head noun")}
 
 
 @dataclass
@@ -99,7 +99,7 @@ def run(
     sink_table = sinks_by_layer(sinks, ds)
 
     pairs = [(scene, e) for scene in chosen for e in scene.expressions]
-    rows = evaluate(pipe, pairs, DEMO_VARIANTS, progress=progress)
+    rows = evaluate(pipe, pairs, DEMO_VARIANTS, progress=progress, **SHAPESREF_OPTIONS)
     table = summarise(rows, subsets=False)
 
     report = Report(f"attnlens demo: {name}")
@@ -117,8 +117,9 @@ def run(
     report.heading("Referring segmentation by attention")
     report.table(table)
     report.text(
-        "RefAM: the head noun's attention with appended magnets, GAS handling, the spatial prior and "
-        "the threshold refiner; attention only: the head noun's raw head-mean map, Otsu-thresholded. "
+        "RefAM: the noun phrase's attention (t = 0.3) with appended magnets, GAS handling, the spatial "
+        "prior and the threshold refiner; attention only: the head noun's raw head-mean map, "
+        "Otsu-thresholded. "
         "The baselines need no model; colour lookup reads the named colour off the clean image.",
         note=True,
     )
@@ -156,7 +157,7 @@ def token_mass(ds: xr.Dataset) -> pd.DataFrame:
 def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list) -> None:
     report.heading("Expressions: image, heatmap, mask, target")
     for scene, e in pairs:
-        result = segment(scene.image, e.text, model=pipe)
+        result = segment(scene.image, e.text, model=pipe, **SHAPESREF_OPTIONS)
         report.images(
             [
                 (scene.image, e.text),

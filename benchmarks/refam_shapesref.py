@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from attnlens import refam, zoo
 from attnlens.datasets import shapesref
-from attnlens.refam.benchmark import VARIANTS, evaluate, summarise, video_scores
+from attnlens.refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise, video_scores
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "img"
 
@@ -77,7 +77,7 @@ def figures(pipe: zoo.ShapesPipeline, folder: Path, n: int = 3) -> list[Path]:
     ][:n]
     steps = []
     for scene, e in pairs:
-        r = refam.segment(scene.image, e.text, model=pipe)
+        r = refam.segment(scene.image, e.text, model=pipe, **SHAPESREF_OPTIONS)
         tiles = [_tile(scene.image, e.text)]
         tiles += [
             _tile(m, f"{layer}")
@@ -92,11 +92,11 @@ def figures(pipe: zoo.ShapesPipeline, folder: Path, n: int = 3) -> list[Path]:
     scene, e = pairs[1]
     ablations = [_tile(scene.image, e.text)]
     for name, overrides in VARIANTS.items():
-        r = refam.segment(scene.image, e.text, model=pipe, **overrides)
+        r = refam.segment(scene.image, e.text, model=pipe, **{**SHAPESREF_OPTIONS, **overrides})
         ablations += [_tile(r.heatmap, name), _tile(r.mask.astype(np.float32), "mask")]
     paths = [folder / "refam_steps.png", folder / "refam_ablations.png"]
     _stack(steps).save(paths[0])
-    _stack([_row(ablations[:7]), _row(ablations[7:])]).save(paths[1])
+    _stack([_row(ablations[i : i + 7]) for i in range(0, len(ablations), 7)]).save(paths[1])
     return paths
 
 
@@ -116,9 +116,9 @@ def main() -> None:
     pipe = zoo.load(args.model) if args.model in zoo.available() else zoo.ShapesPipeline.load(args.model)
 
     began = time.perf_counter()
-    rows = evaluate(pipe, shapesref.expressions("test", args.n))
+    rows = evaluate(pipe, shapesref.expressions("test", args.n), **SHAPESREF_OPTIONS)
     table = summarise(rows)
-    video = video_scores(pipe, shapesref.expressions("test", args.videos, video=True))
+    video = video_scores(pipe, shapesref.expressions("test", args.videos, video=True), **SHAPESREF_OPTIONS)
     seconds = time.perf_counter() - began
 
     main_rows = table[table.subset.isin(["all", "same-colour distractor"])]
@@ -129,7 +129,8 @@ def main() -> None:
         [
             "## RefAM on ShapesRef (`benchmarks/refam_shapesref.py`)",
             f"Model `{args.model}`; {args.n} test expressions, {args.videos} video test expressions; "
-            f"{seconds / 60:.1f} min on {machine()}, {args.threads} torch thread(s).",
+            f"{seconds / 60:.1f} min on {machine()}, {args.threads} torch thread(s). Options shared by "
+            f"every variant (chosen on the val split): `{SHAPESREF_OPTIONS}`.",
             "Images: every variant and baseline, on all expressions and on those whose target shares "
             "its colour with another object.",
             _table(main_rows),

@@ -78,7 +78,8 @@ def test_benchmark_scores_variants_and_baselines(pipe):
 def test_video_benchmark_scores_j_and_f_frame_by_frame(pipe):
     pairs = list(shapesref.expressions("test", 2, video=True))
     table = video_scores(pipe, pairs, progress=False).set_index("variant")
-    assert list(table.index[:2]) == ["RefAM", "attention only"] and (table.n == 2).all()
+    assert list(table.index[:3]) == ["RefAM", "attention only", "attention only, head noun"]
+    assert (table.n == 2).all()
     assert set(shapesref.BASELINES) <= set(table.index)
     assert table["J&F"].between(0, 1).all()
     np.testing.assert_allclose(table["J&F"], (table.J + table.F) / 2)
