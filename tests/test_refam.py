@@ -35,7 +35,7 @@ def scene():
 
 @pytest.fixture(scope="module")
 def odd():
-    return (np.random.default_rng(1).random((88, 118, 3)) * 255).astype(np.uint8)
+    return (np.random.default_rng(1).random((880, 1184, 3)) * 255).astype(np.uint8)
 
 
 # -- parsing -----------------------------------------------------------------------------------------
@@ -127,12 +127,12 @@ def test_prompt_variants():
 
 def test_flux_end_to_end(flux_pipe, odd):
     r = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, negatives=1)
-    assert r.mask.shape == r.heatmap.shape == (88, 118)
+    assert r.mask.shape == r.heatmap.shape == (880, 1184)
     assert r.mask.dtype == bool and r.heatmap.dtype == np.float32
     assert r.mask.any() and not r.mask.all()
     assert r.heatmap.min() >= 0.0 and r.heatmap.max() <= 1.0
     assert r.points.shape == (2, 2) and r.point_labels.tolist() == [1, 0]
-    assert (r.points >= 0).all() and (r.points[:, 0] <= 118).all() and (r.points[:, 1] <= 88).all()
+    assert (r.points >= 0).all() and (r.points[:, 0] <= 1184).all() and (r.points[:, 1] <= 880).all()
     assert r.maps["target"].dims == ("layer", "y", "x")
     assert list(r.maps.layer.values) == ["double.0", "single.0"]
     assert r.maps["heatmap"].shape == (8, 8)  # 32 px → 16 × 16 latents → 8 × 8 tokens
@@ -323,7 +323,7 @@ def test_tiny_sam2_segmenter(flux_pipe, odd):
 
     model, processor = _tiny_sam2()
     r = refam.segment(odd, "the red circle", model=flux_pipe, resolution=32, segmenter=(model, processor))
-    assert r.mask.shape == (88, 118) and r.mask.dtype == bool and r.mask.any()
+    assert r.mask.shape == (880, 1184) and r.mask.dtype == bool and r.mask.any()
     assert r.info["refiner"] == "segmenter"
     # the contract: SAM2 prompted with the points; the best-scoring of its 3 candidates, at the input size
     inputs = processor(
@@ -360,7 +360,7 @@ def test_mismatched_sam2_segmenters_are_refused(shapes, scene):
 def test_tiny_sam_segmenter(shapes, odd):
     model, processor, _ = _tiny_sam()
     r = refam.segment(odd, EXPRESSION, model=shapes, segmenter=(model, processor), negatives=1)
-    assert r.mask.shape == (88, 118) and r.mask.dtype == bool and r.mask.any()
+    assert r.mask.shape == (880, 1184) and r.mask.dtype == bool and r.mask.any()
     assert r.info["refiner"].startswith("segmenter")
     again = refam.segment(odd, EXPRESSION, model=shapes, segmenter=(model, processor), negatives=1)
     assert np.array_equal(r.mask, again.mask)
@@ -377,7 +377,7 @@ def test_callable_segmenter_gets_the_points(shapes, odd):
         return mask
 
     r = refam.segment(odd, EXPRESSION, model=shapes, segmenter=fake, negatives=2)
-    assert seen["shape"] == (88, 118, 3) and seen["labels"].tolist() == [1, 0, 0]
+    assert seen["shape"] == (880, 1184, 3) and seen["labels"].tolist() == [1, 0, 0]
     np.testing.assert_array_equal(seen["points"], r.points)
     assert r.mask.sum() == 1 and r.info["refiner"] == "segmenter"
 
