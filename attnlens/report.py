@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-__all__ = ["Report"]
+__all__ = ["Report", "markdown_table"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto;
@@ -83,6 +83,23 @@ class Report:
         path = Path(path)
         path.write_text(self.html(), encoding="utf-8")
         return path
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table, floats to three decimals (for cards and BENCHMARKS.md).
+
+    >>> print(markdown_table(pd.DataFrame({"method": ["RefAM"], "mIoU": [0.51234]})))
+    | method | mIoU |
+    |---|---|
+    | RefAM | 0.512 |
+    """
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float | np.floating) else str(v)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def _png(array: np.ndarray) -> str:

@@ -24,16 +24,9 @@ from PIL import Image, ImageDraw
 from attnlens import refam, zoo
 from attnlens.datasets import shapesref
 from attnlens.refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise, video_scores
+from attnlens.report import markdown_table
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "img"
-
-
-def _table(frame) -> str:
-    columns = list(frame.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 def _tile(image: np.ndarray, caption: str, side: int = 128) -> Image.Image:
@@ -133,11 +126,11 @@ def main() -> None:
             f"every variant (chosen on the val split): `{SHAPESREF_OPTIONS}`.",
             "Images: every variant and baseline, on all expressions and on those whose target shares "
             "its colour with another object.",
-            _table(main_rows),
+            markdown_table(main_rows),
             "mIoU per expression kind:",
-            _table(kinds.reset_index()),
+            markdown_table(kinds.reset_index()),
             "Video (frame by frame, J = region IoU, F = boundary F-measure at DAVIS' tolerance):",
-            _table(video),
+            markdown_table(video),
         ]
     )
     print(markdown)

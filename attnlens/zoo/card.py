@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..analysis import find_sinks, sinks_by_layer
 from ..datasets import shapesref
+from ..report import markdown_table
 from ..session import capture
 from .evaluate import generation, grounding, summarise, train_readout
 from .shapes import ShapesPipeline
@@ -193,7 +193,7 @@ def write_card(folder: str | Path, name: str, m: Measurements) -> Path:
         "",
         "## Bars",
         "",
-        _markdown(met),
+        markdown_table(met),
         "",
         f"Met: {', '.join(met[met.met].bar) or 'none'}. Not met: {', '.join(met[~met.met].bar) or 'none'}.",
         "",
@@ -206,25 +206,25 @@ def write_card(folder: str | Path, name: str, m: Measurements) -> Path:
         "",
         "Loss (mean per window of steps):",
         "",
-        _markdown(curve.reset_index().rename(columns={"step": "from step"})),
+        markdown_table(curve.reset_index().rename(columns={"step": "from step"})),
         "",
         f"## Grounding on the test split (t = {m.t}, chosen on val: "
         + ", ".join(f"t={t}: {v:.3f}" for t, v in m.val.items())
         + ")",
         "",
-        _markdown(pd.concat([headline, untrained])),
+        markdown_table(pd.concat([headline, untrained])),
         "",
         "Per layer and noise level (subset: all):",
         "",
-        _markdown(per_layer),
+        markdown_table(per_layer),
         "",
         "## Generation",
         "",
-        _markdown(pd.DataFrame([m.generation])),
+        markdown_table(pd.DataFrame([m.generation])),
         "",
         "## Sinks (sampled test captions, 8 steps)",
         "",
-        _markdown(m.sinks),
+        markdown_table(m.sinks),
         "",
     ]  # fmt: skip
     (folder / "card.md").write_text("\n".join(lines))
@@ -233,12 +233,3 @@ def write_card(folder: str | Path, name: str, m: Measurements) -> Path:
     (folder / "claims.json").write_text(json.dumps(claimed, indent=1) + "\n")
     (folder / "bars.json").write_text(met.to_json(orient="records", indent=1))
     return folder / "card.md"
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float | np.floating) else str(v)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
