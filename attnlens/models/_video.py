@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["batched_cfg_rows", "grid_from_coords", "timestep_value", "video_grid"]
+from .base import CallLayout
+
+__all__ = ["batched_cfg_rows", "grid_from_coords", "timestep_value", "video_grid", "video_layout"]
 
 
 def video_grid(frames: int, height: int, width: int) -> np.ndarray:
@@ -23,6 +25,19 @@ def video_grid(frames: int, height: int, width: int) -> np.ndarray:
     """
     f, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
     return np.stack([f.ravel(), y.ravel(), x.ravel()], axis=1).astype(np.int64)
+
+
+def video_layout(given: dict[str, Any], grid: np.ndarray, **options: Any) -> CallLayout:
+    """The joint layout of one video DiT forward: its batch and text length read from the bound
+    ``hidden_states`` (batch first) and ``encoder_hidden_states``, the step from ``timestep``,
+    and ``grid`` ``(tokens, 3)``; ``options`` as :meth:`CallLayout.concatenated` (order, text mask)."""
+    return CallLayout.concatenated(
+        given["hidden_states"].shape[0],
+        timestep_value(given.get("timestep")),
+        given["encoder_hidden_states"].shape[1],
+        grid,
+        **options,
+    )
 
 
 def grid_from_coords(coords: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, timestep_value, video_grid
+from ._video import BatchedCFG, video_grid, video_layout
 from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["CogVideoXAdapter"]
@@ -39,20 +39,10 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
         given = forward_arguments(transformer, args, kwargs)
-        hidden = given.get("hidden_states")
-        text = given.get("encoder_hidden_states")
-        timestep = given.get("timestep")
         cfg = transformer.config
         p, p_t = cfg.patch_size, cfg.patch_size_t or 1
-        batch, frames, _, height, width = hidden.shape  # CogVideoX latents are frame-first
-        grid = video_grid(frames // p_t, height // p, width // p)
-        n_text = text.shape[1]
-        return CallLayout.concatenated(
-            batch,
-            timestep_value(timestep),
-            n_text,
-            grid,
-        )
+        _, frames, _, height, width = given["hidden_states"].shape  # CogVideoX latents are frame-first
+        return video_layout(given, video_grid(frames // p_t, height // p, width // p))
 
     def block_hidden(self, output: Any) -> torch.Tensor:
         hidden, encoder_hidden = output

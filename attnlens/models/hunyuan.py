@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import timestep_value, video_grid
+from ._video import video_grid, video_layout
 from .base import (
     AttentionLayer,
     CallLayout,
@@ -47,18 +47,12 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
         given = forward_arguments(transformer, args, kwargs)
-        hidden = given.get("hidden_states")
-        timestep = given.get("timestep")
-        text = given.get("encoder_hidden_states")
         mask = given.get("encoder_attention_mask")
         cfg = transformer.config
-        batch, _, frames, height, width = hidden.shape
+        _, _, frames, height, width = given["hidden_states"].shape
         grid = video_grid(frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
-        n_text = text.shape[1]
-        return CallLayout.concatenated(
-            batch,
-            timestep_value(timestep),
-            n_text,
+        return video_layout(
+            given,
             grid,
             text_first=False,
             text_mask=mask.detach().bool().cpu() if mask is not None else None,

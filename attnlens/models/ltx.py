@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, timestep_value, video_grid
+from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, video_grid, video_layout
 from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["LTXVideoAdapter"]
@@ -43,10 +43,7 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
         given = forward_arguments(transformer, args, kwargs)
-        hidden, text, timestep = (
-            given.get(n) for n in ("hidden_states", "encoder_hidden_states", "timestep")
-        )
-        n_video = hidden.shape[1]
+        n_video = given["hidden_states"].shape[1]
         if given.get("video_coords") is not None:
             grid = grid_from_coords(given.get("video_coords")[0])
         elif None not in (given.get("num_frames"), given.get("height"), given.get("width")):
@@ -56,11 +53,8 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
         if len(grid) != n_video:
             raise ValueError(f"a token grid of {len(grid)} tokens does not match {n_video} video tokens")
         mask = given.get("encoder_attention_mask")
-        n_text = text.shape[1]
-        return CallLayout.concatenated(
-            hidden.shape[0],
-            timestep_value(timestep),
-            n_text,
+        return video_layout(
+            given,
             grid,
             # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
             text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, timestep_value, video_grid
+from ._video import BatchedCFG, video_grid, video_layout
 from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["MochiAdapter"]
@@ -44,19 +44,12 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
         given = forward_arguments(transformer, args, kwargs, (*REQUIRED, "encoder_attention_mask"))
-        hidden = given.get("hidden_states")
-        text = given.get("encoder_hidden_states")
-        timestep = given.get("timestep")
         mask = given.get("encoder_attention_mask")
         p = transformer.config.patch_size
-        batch, _, frames, height, width = hidden.shape
-        grid = video_grid(frames, height // p, width // p)
-        n_text = text.shape[1]
-        return CallLayout.concatenated(
-            batch,
-            timestep_value(timestep),
-            n_text,
-            grid,
+        _, _, frames, height, width = given["hidden_states"].shape
+        return video_layout(
+            given,
+            video_grid(frames, height // p, width // p),
             text_first=False,
             text_mask=mask.detach().bool().cpu(),
         )

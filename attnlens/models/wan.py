@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ._video import SelfCrossAttention, timestep_value, video_grid
+from ._video import SelfCrossAttention, video_grid, video_layout
 from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["WanAdapter"]
@@ -51,19 +51,9 @@ class WanAdapter(SelfCrossAttention, ModelAdapter):
 
     def layout(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> CallLayout:
         given = forward_arguments(transformer, args, kwargs)
-        hidden = given.get("hidden_states")
-        timestep = given.get("timestep")
-        text = given.get("encoder_hidden_states")
         p_t, p_h, p_w = transformer.config.patch_size
-        batch, _, frames, height, width = hidden.shape
-        grid = video_grid(frames // p_t, height // p_h, width // p_w)
-        n_text = text.shape[1]
-        return CallLayout.concatenated(
-            batch,
-            timestep_value(timestep),
-            n_text,
-            grid,
-        )
+        _, _, frames, height, width = given["hidden_states"].shape
+        return video_layout(given, video_grid(frames // p_t, height // p_h, width // p_w))
 
     def call_rows(self, layer: AttentionLayer, layout: CallLayout, call: int) -> slice | None:
         # image-to-video cross-attention attends to the CLIP image context first, the text second
