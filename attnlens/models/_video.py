@@ -14,7 +14,14 @@ import torch
 
 from .base import CallLayout
 
-__all__ = ["batched_cfg_rows", "grid_from_coords", "timestep_value", "video_grid", "video_layout"]
+__all__ = [
+    "batched_cfg_rows",
+    "grid_from_coords",
+    "timestep_value",
+    "video_grid",
+    "video_layout",
+    "video_tokens",
+]
 
 
 def video_grid(frames: int, height: int, width: int) -> np.ndarray:
@@ -25,6 +32,21 @@ def video_grid(frames: int, height: int, width: int) -> np.ndarray:
     """
     f, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
     return np.stack([f.ravel(), y.ravel(), x.ravel()], axis=1).astype(np.int64)
+
+
+def video_tokens(
+    frames: int, height: int, width: int, *, spatial: int, temporal: int, patch: int, patch_t: int = 1
+) -> int:
+    """Video tokens of ``frames`` frames of ``height × width`` pixels: the VAE keeps the first frame and
+    one latent frame per ``temporal`` after it, ``spatial`` pixels per latent cell; the transformer
+    patches ``patch_t × patch × patch`` latent cells (padding the frames to whole patches).
+
+    >>> video_tokens(49, 480, 720, spatial=8, temporal=4, patch=2)  # CogVideoX-5b
+    17550
+    """
+    latent = (frames - 1) // temporal + 1
+    side = spatial * patch
+    return -(-latent // patch_t) * (height // side) * (width // side)
 
 
 def video_layout(given: dict[str, Any], grid: np.ndarray, **options: Any) -> CallLayout:

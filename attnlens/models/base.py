@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AttentionLayer", "CallLayout", "ModelAdapter", "forward_arguments", "stream_layers"]
+__all__ = [
+    "AttentionLayer",
+    "CallLayout",
+    "ModelAdapter",
+    "forward_arguments",
+    "pipeline_scale",
+    "stream_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,28 @@ class ModelAdapter:
         coordinate of each step tells which one ran.
         """
         return [("transformer", transformer)]
+
+    def token_counts(
+        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
+    ) -> tuple[int, int]:
+        """``(text, image)`` tokens of one forward over a ``height × width`` pixel image (``frames``
+        frames of video) whose prompt is encoded to ``text`` tokens, as the family's pipelines
+        feed it; :func:`attnlens.store.plan` sizes a capture from it. Scale factors come from
+        ``pipeline`` where given, else the family's usual VAE."""
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"the {self.family} adapter does not know how pixels become tokens: give plan(image_tokens=...)"
+        )
+
+
+def pipeline_scale(pipeline: Any | None, name: str, default: int) -> int:
+    """A pipeline's VAE scale factor ``name`` (e.g. ``vae_scale_factor``), or the family's usual ``default``.
+
+    >>> pipeline_scale(None, "vae_scale_factor", 8)
+    8
+    """
+    return int(getattr(pipeline, name, None) or default)
 
 
 def _rows_for(ids: torch.Tensor, batch: int) -> torch.Tensor | None:

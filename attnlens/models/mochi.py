@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, video_grid, video_layout
-from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from ._video import BatchedCFG, video_grid, video_layout, video_tokens
+from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
 
 __all__ = ["MochiAdapter"]
 
@@ -77,3 +77,15 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         hidden, encoder_hidden = output
         return torch.cat([hidden, encoder_hidden], dim=1)
+
+    def token_counts(
+        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
+    ) -> tuple[int, int]:
+        return text, video_tokens(
+            frames,
+            height,
+            width,
+            spatial=pipeline_scale(pipeline, "vae_spatial_scale_factor", 8),
+            temporal=pipeline_scale(pipeline, "vae_temporal_scale_factor", 6),
+            patch=transformer.config.patch_size,
+        )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
 
 __all__ = ["SD3Adapter"]
 
@@ -129,3 +129,9 @@ class SD3Adapter(ModelAdapter):
                 t5.token_kind[:] = "pad"
             labels.append(concat_labels([clip, t5]))
         return labels
+
+    def token_counts(
+        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
+    ) -> tuple[int, int]:
+        side = pipeline_scale(pipeline, "vae_scale_factor", 8) * transformer.config.patch_size
+        return CLIP_TOKENS + text, (height // side) * (width // side)  # text: the T5 tokens after CLIP's 77

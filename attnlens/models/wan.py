@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from ._video import SelfCrossAttention, video_grid, video_layout
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from ._video import SelfCrossAttention, video_grid, video_layout, video_tokens
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
 
 __all__ = ["WanAdapter"]
 
@@ -61,3 +61,17 @@ class WanAdapter(SelfCrossAttention, ModelAdapter):
             1 if layer.kind == "cross" and getattr(layer.module, "add_k_proj", None) is not None else 0
         )
         return slice(None) if call == text_call else None
+
+    def token_counts(
+        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
+    ) -> tuple[int, int]:
+        p_t, p_h, _ = transformer.config.patch_size
+        return text, video_tokens(
+            frames,
+            height,
+            width,
+            spatial=pipeline_scale(pipeline, "vae_scale_factor_spatial", 8),
+            temporal=pipeline_scale(pipeline, "vae_scale_factor_temporal", 4),
+            patch=p_h,
+            patch_t=p_t,
+        )

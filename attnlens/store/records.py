@@ -1,0 +1,302 @@
+"""Sample records: which samples a store holds complete, and what each one wrote.
+
+A sample is complete once its **record** exists: a small JSON object written after every one of
+its chunks, holding its id, prompt and the key, size and crc32c of each chunk it wrote. Records
+live under ``_attnlens/samples/<slot // 1024>/<slot>.<token>.json`` (a fresh token per write), so
+that listing the folders tells which samples are complete, and a record's name changes whenever
+its sample is rewritten.
+
+Reading 10⁵ records one by one takes minutes on an object store; the **index**
+(``_attnlens/index.json``) consolidates them: each writer rewrites it when it closes. It is a
+cache keyed by record names: records listed but not in the index are read, index entries whose
+record is gone are dropped, so the index can be stale or missing but never wrong. A damaged
+index (its crc32c fails) is ignored.
+
+A **lease** (``_attnlens/leases/<slot>``, created exclusively) marks a slot while a writer
+writes it, so that two writers never write one sample at once; it names the writer's host and
+process, so that a lease left by a writer that died on the same host is taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+
+from ..errors import CorruptStoreError, StoreError
+from .location import META, create_once, delete_keys, get_bytes, json_bytes, list_names, put_bytes
+
+__all__ = [
+    "LIVE_WRITERS",
+    "Record",
+    "Records",
+    "crc32c",
+    "load_records",
+    "read_record",
+    "write_index",
+    "write_record",
+]
+
+SAMPLES = f"{META}/samples"
+LEASES = f"{META}/leases"
+INDEX = f"{META}/index.json"
+BLOCK = 1024  # records per folder: listing one slot's records reads one folder of at most this many
+_BATCH = 512  # objects read at once
+
+
+#: writers alive in this process, by token: a lease of this process whose writer is gone is stale
+LIVE_WRITERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def crc32c(data: Any) -> int:
+    """crc32c of a bytes-like object (zarr's checksum; about 10 GB/s)."""
+    return google_crc32c.value(np.frombuffer(data, dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class Record:
+    """The index's summary of one complete sample."""
+
+    name: str  # "<block>/<slot>.<token>.json" under SAMPLES
+    slot: int
+    id: str
+    prompt: str
+    nbytes: Mapping[str, int]  # bytes each array wrote for this sample
+
+
+@dataclass
+class Records:
+    """What a store's records say, read at one moment."""
+
+    complete: dict[int, Record] = field(default_factory=dict)  # by slot
+    #: slots whose record cannot be read, or that hold two records (written twice at once): message
+    damaged: dict[int, str] = field(default_factory=dict)
+    leased: dict[int, dict[str, Any]] = field(
+        default_factory=dict
+    )  # slots being written (or left by a crash)
+    index_damaged: bool = False
+
+    @property
+    def slots(self) -> int:
+        """Slots in use: one past the last complete, damaged or leased slot."""
+        used = [*self.complete, *self.damaged, *self.leased]
+        return max(used) + 1 if used else 0
+
+
+def record_name(slot: int, token: str) -> str:
+    return f"{slot // BLOCK}/{slot}.{token}.json"
+
+
+def slot_of(name: str) -> int:
+    return int(name.rsplit("/", 1)[-1].split(".", 1)[0])
+
+
+def _summary(name: str, body: Mapping[str, Any]) -> Record:
+    nbytes: dict[str, int] = {}
+    for key, (size, _) in body["chunks"].items():
+        array = key.split("/", 1)[0]
+        nbytes[array] = nbytes.get(array, 0) + int(size)
+    return Record(name, int(body["slot"]), str(body["id"]), str(body["prompt"]), nbytes)
+
+
+async def write_record(
+    store: Store, slot: int, sample_id: str, prompt: str, chunks: Mapping[str, tuple[int, int]]
+) -> Record:
+    """Commit a sample: its record, written after every one of its chunks."""
+    name = record_name(slot, uuid.uuid4().hex[:12])
+    body = {
+        "slot": slot,
+        "id": sample_id,
+        "prompt": prompt,
+        "chunks": {k: list(v) for k, v in sorted(chunks.items())},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    await put_bytes(store, f"{SAMPLES}/{name}", json_bytes(body))
+    return _summary(name, body)
+
+
+async def read_record(store: Store, name: str, url: str) -> dict[str, Any]:
+    """A record's content; :class:`CorruptStoreError` when it is gone or damaged."""
+    data = await get_bytes(store, f"{SAMPLES}/{name}")
+    if data is None:
+        raise CorruptStoreError(
+            f"{url}: the record {SAMPLES}/{name} is gone: the sample was removed or is being rewritten "
+            "since the store was opened; open it again"
+        )
+    try:
+        body = json.loads(data)
+        _summary(name, body)
+        if slot_of(name) != body["slot"]:
+            raise ValueError(f"it names slot {body['slot']}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptStoreError(f"{url}: the record {SAMPLES}/{name} is damaged ({exc})") from exc
+    return body
+
+
+async def slot_records(store: Store, slot: int) -> list[str]:
+    """Names of the records of one slot (normally none or one)."""
+    folder = str(slot // BLOCK)
+    names = await list_names(store, f"{SAMPLES}/{folder}")
+    return [f"{folder}/{n}" for n in names if n.startswith(f"{slot}.") and n.endswith(".json")]
+
+
+async def _all_names(store: Store) -> list[str]:
+    folders = await list_names(store, SAMPLES)
+    listed = await asyncio.gather(*(list_names(store, f"{SAMPLES}/{f}") for f in folders))
+    return [
+        f"{f}/{n}" for f, names in zip(folders, listed, strict=True) for n in names if n.endswith(".json")
+    ]
+
+
+def load_records(store: Store, url: str) -> Records:
+    """Every complete sample, from the index and the record folders; damaged records reported, not raised."""
+    return sync(_load(store, url))
+
+
+async def _load(store: Store, url: str) -> Records:
+    names, index_data, lease_names = await asyncio.gather(
+        _all_names(store), get_bytes(store, INDEX), list_names(store, LEASES)
+    )
+    out = Records()
+    cached = _read_index(index_data)
+    if cached is None:
+        out.index_damaged, cached = index_data is not None, {}
+    by_slot: dict[int, list[str]] = {}
+    for name in names:
+        by_slot.setdefault(slot_of(name), []).append(name)
+    unread = [n for n in names if n not in cached]
+    for start in range(0, len(unread), _BATCH):
+        batch = unread[start : start + _BATCH]
+        bodies = await asyncio.gather(*(read_record(store, n, url) for n in batch), return_exceptions=True)
+        for name, body in zip(batch, bodies, strict=True):
+            if isinstance(body, BaseException):
+                if not isinstance(body, CorruptStoreError):
+                    raise body
+                out.damaged[slot_of(name)] = str(body).removeprefix(f"{url}: ")
+            else:
+                cached[name] = _summary(name, body)
+    for slot, found in sorted(by_slot.items()):
+        if slot in out.damaged:
+            continue
+        if len(found) > 1:
+            out.damaged[slot] = (
+                f"slot {slot} holds {len(found)} records ({', '.join(found)}): written twice at once"
+            )
+        else:
+            out.complete[slot] = cached[found[0]]
+    leases = await asyncio.gather(*(get_bytes(store, f"{LEASES}/{n}") for n in lease_names))
+    for name, data in zip(lease_names, leases, strict=True):
+        if name.isdigit() and data is not None:
+            out.leased[int(name)] = _lease_body(data)
+    return out
+
+
+# -- the index --------------------------------------------------------------------------------
+
+
+def write_index(store: Store, records: Records) -> None:
+    """Consolidate the records: one object that :func:`load_records` reads instead of each record."""
+    chosen = sorted(records.complete.values(), key=lambda r: r.slot)
+    arrays = sorted({a for r in chosen for a in r.nbytes})
+    body = json_bytes(
+        {
+            "names": [r.name for r in chosen],
+            "ids": [r.id for r in chosen],
+            "prompts": [r.prompt for r in chosen],
+            "nbytes": {a: [r.nbytes.get(a, 0) for r in chosen] for a in arrays},
+        }
+    )
+    sync(put_bytes(store, INDEX, body + b"\n" + str(crc32c(body)).encode()))
+
+
+def _read_index(data: bytes | None) -> dict[str, Record] | None:
+    """The index's records by name; ``None`` when it is missing or damaged."""
+    if data is None:
+        return None
+    body, _, check = data.rpartition(b"\n")
+    try:
+        if int(check) != crc32c(body):
+            return None
+        index = json.loads(body)
+        nbytes = index["nbytes"]
+        return {
+            name: Record(name, slot_of(name), sid, prompt, {a: nbytes[a][i] for a in nbytes})
+            for i, (name, sid, prompt) in enumerate(
+                zip(index["names"], index["ids"], index["prompts"], strict=True)
+            )
+        }
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def _lease_body(data: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {}
+
+
+async def take_lease(store: Store, url: str, slot: int, sample_id: str, token: str) -> None:
+    """Mark ``slot`` as being written by this writer; :class:`StoreError` while another one writes it."""
+    key = f"{LEASES}/{slot}"
+    mine = {
+        "writer": token,
+        "id": sample_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.time(),
+    }
+    for _ in range(3):
+        if await create_once(store, key, json_bytes(mine)):
+            return
+        held = await get_bytes(store, key)
+        if held is None:
+            continue  # released meanwhile
+        other = _lease_body(held)
+        if other.get("writer") == token:
+            return
+        if not _dead(other):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("since", 0)))
+            raise StoreError(
+                f"sample {sample_id!r} of {url} (slot {slot}) is being written by another writer (host "
+                f"{other.get('host', '?')}, process {other.get('pid', '?')}, since {since}); nothing was "
+                "written. "
+                f"If that writer died, delete {key} in the store and run again"
+            )
+        await delete_keys(store, [key])  # its writer died on this host: take the slot over
+    raise StoreError(f"{url}: cannot take the lease {key} of sample {sample_id!r}; run again")
+
+
+def _dead(lease: Mapping[str, Any]) -> bool:
+    """Whether a lease's writer is known to be gone: a process of this host that no longer runs."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    if lease["pid"] == os.getpid():
+        return lease.get("writer") not in LIVE_WRITERS  # a writer of this process, gone without releasing it
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def drop_lease(store: Store, slot: int) -> None:
+    await delete_keys(store, [f"{LEASES}/{slot}"])
