@@ -433,7 +433,8 @@ class StoreWriter:
                 errno.ENOSPC,
                 f"{what} needs {format_bytes(nbytes)} in {self.url}, but its disk has {format_bytes(free)} "
                 "free: nothing was written. Free space, or keep less (fewer layers, steps or heads, "
-                "heads='mean', a float16 storage dtype); `attnlens plan` estimates a capture's size before it runs",
+                "heads='mean', a float16 storage dtype); `attnlens plan` estimates a capture's size "
+                "before it runs",
             )
 
     def submit(self, ids: Sequence[str] | None, build: Callable[[], xr.Dataset]) -> None:
