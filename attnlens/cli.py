@@ -46,12 +46,17 @@ def _print_frame(frame, title: str) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a store holds: samples, variables and their sizes, layers, steps and tokens."""
-    import numpy as np
-
-    from attnlens.errors import choices
+    from attnlens.errors import CorruptStoreError, choices
     from attnlens.store import open_store, stored_bytes, verify_store
+    from attnlens.store.plan import format_bytes
 
-    ds = open_store(args.store)
+    try:
+        ds = open_store(args.store)
+    except CorruptStoreError as exc:
+        if not args.verify:
+            raise
+        console.print(f"[red]damaged:[/] {exc}")
+        return _verify(args.store, verify_store, "the store")
     disk = stored_bytes(args.store)
     attrs = ds.attrs
     console.print(f"[bold]{args.store}[/] — attnlens store, schema version {attrs.get('schema_version')}")
@@ -63,6 +68,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     ids = [str(i) for i in ds.sample_id.values]
     slots = ds.encoding.get("sample_slots", len(ids))
     console.print(f"samples: {len(ids)} complete of {slots} slot(s): {choices(ids, 8) or '—'}")
+    if ds.encoding.get("in_progress"):
+        console.print(f"being written (or left by a crash): slot(s) {choices(ds.encoding['in_progress'], 8)}")
+    for where, problem in ds.encoding.get("damaged", {}).items():
+        console.print(f"[red]damaged:[/] sample {where}: {problem}")
 
     table = Table(title="variables")
     for column in ("variable", "dims", "shape", "dtype", "in memory", "on disk", "ratio"):
@@ -73,18 +82,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
     for name, var in ds.data_vars.items():
         stored = disk.get(str(name), 0)
-        ratio = f"{var.nbytes / stored:.2f}×" if stored and len(ids) == slots else "—"
         table.add_row(
             str(name),
             ", ".join(var.dims),
             str(var.shape),
             str(var.dtype),
-            _size(var.nbytes),
-            _size(stored),
-            ratio,
+            format_bytes(var.nbytes),
+            format_bytes(stored),
+            f"{var.nbytes / stored:.2f}×" if stored else "—",
         )
     console.print(table)
-    console.print(f"on disk in all: {_size(sum(disk.values()))}")
+    console.print(f"on disk in all (chunks): {format_bytes(sum(disk.values()))}")
 
     kinds = [str(k) for k in ds.layer_kind.values]
     names = [str(n) for n in ds.layer.values]
@@ -118,11 +126,66 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         console.print(f"image tokens: {ds.sizes['query']} on a grid of {_grid(ds, np)} (frame, y, x)")
 
     if args.verify:
-        problems = verify_store(args.store)
-        for problem in problems:
-            console.print(f"[red]damaged:[/] {problem}")
-        console.print(f"verified {len(ids)} sample(s): {len(problems)} problem(s)")
-        return 1 if problems else 0
+        return _verify(args.store, verify_store, f"{len(ids)} sample(s)")
+    return 0
+
+
+def _verify(store: str, verify_store, what: str) -> int:
+    """Print what :func:`~attnlens.store.verify_store` finds; exit status 1 if anything is damaged."""
+    problems = verify_store(store)
+    for problem in problems:
+        console.print(f"[red]damaged:[/] {problem}")
+    console.print(f"verified {what}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the bytes a capture will write to a store, per variable, per sample and per run."""
+    import torch
+
+    from attnlens.store import plan
+    from attnlens.store.plan import format_bytes
+
+    heads = args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
+    spec = {"keep": tuple(args.keep), "heads": heads, "dtype": getattr(torch, args.capture_dtype)}
+    if args.layers:
+        spec["layers"] = args.layers
+    with console.status(f"reading {args.model}"):
+        result = plan(
+            args.model,
+            height=args.height,
+            width=args.width,
+            frames=args.frames,
+            steps=args.steps,
+            guidance=args.guidance,
+            text_tokens=args.text_tokens,
+            samples=args.samples,
+            image_tokens=args.image_tokens,
+            layout=args.layout,
+            storage_dtype=args.dtype,
+            **spec,
+        )
+    console.print(
+        f"[bold]{result.model}[/]: {result.text_tokens} text + {result.image_tokens} image tokens per forward"
+    )
+    table = Table(title=f"what each of {result.samples} sample(s) writes")
+    for column in ("variable", "dims", "per sample", "dtype", "bytes per sample"):
+        table.add_column(column, justify="right" if column == "bytes per sample" else "left")
+    for name, (sizes, dtype) in result.variables.items():
+        shape = " × ".join(str(n) for n in sizes.values())
+        table.add_row(name, ", ".join(sizes), shape, dtype, format_bytes(result.per_sample[name]))
+    labels = result.per_sample["token labels"] + result.per_sample["record"]
+    table.add_row("token labels, record", "", "", "", format_bytes(labels))
+    console.print(table)
+    console.print(f"per sample: {format_bytes(result.sample_bytes)} ({result.sample_bytes} bytes)")
+    console.print(
+        f"per run of {result.samples} sample(s): {format_bytes(result.total)} ({result.total} bytes)"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    if args.store:
+        result.check(args.store)
+        console.print(f"fits the free space of {args.store}")
     return 0
 
 
@@ -260,14 +323,6 @@ def _demo_capture(prompt: str, steps: int, **spec: object):
     return cap.result
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _grid(ds, np) -> str:
     return " × ".join(str(int(np.max(ds[c].values)) + 1) for c in ("frame", "y", "x"))
 
@@ -290,6 +345,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sample", help="sample id whose tokens to list (default: the first)")
     inspect.add_argument("--verify", action="store_true", help="read every chunk, reporting damaged ones")
     inspect.set_defaults(func=_cmd_inspect)
+    planned = sub.add_parser("plan", help="the bytes a capture will write to a store, before it runs")
+    planned.add_argument("model", help="embedded model name, or a diffusers pipeline or transformer folder")
+    planned.add_argument("--height", type=int, help="image (frame) height in pixels")
+    planned.add_argument("--width", type=int, help="image (frame) width in pixels")
+    planned.add_argument("--frames", type=int, default=1, help="video frames")
+    planned.add_argument("--image-tokens", type=int, help="image tokens per forward, instead of height/width")
+    planned.add_argument("--steps", type=int, required=True, help="denoising steps per sample")
+    planned.add_argument("--guidance", type=int, default=1, help="forwards per step (2: both CFG branches)")
+    planned.add_argument("--text-tokens", type=int, required=True, help="prompt tokens as encoded (padded)")
+    planned.add_argument("--samples", type=int, default=1, help="samples in the run")
+    planned.add_argument(
+        "--keep",
+        nargs="+",
+        default=["cross"],
+        help="variables: cross text_to_image key_mass hidden_norm full",
+    )
+    planned.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
+    planned.add_argument("--layers", help="a layer name or glob, e.g. 'single.*' (default: every layer)")
+    planned.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    planned.add_argument("--dtype", choices=["float16", "bfloat16"], help="storage dtype of probabilities")
+    planned.add_argument(
+        "--layout", default="chunks", choices=["chunks", "shards"], help="the store's layout"
+    )
+    planned.add_argument("--store", help="check that the run fits the free space of this store's disk")
+    planned.set_defaults(func=_cmd_plan)
     sinks = sub.add_parser("sinks", help="find attention sinks per layer, print them, write a plotly figure")
     sinks.add_argument("store", nargs="?", help="path or fsspec URL of a store (default: a tiny FLUX run)")
     sinks.add_argument("--out", default="sinks.html", help="HTML figure to write ('' for none)")

@@ -31,7 +31,7 @@ from attnlens.errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
-from attnlens.store import StoreWriter, open_store, stored_bytes
+from attnlens.store import StoreWriter, open_store, stored_bytes, verify_store
 from attnlens.testing import flux_inputs, tiny_flux_transformer, tiny_t5_tokenizer
 
 # Run by the fault tests in fresh processes, and exec'd here so that both sides capture alike.
@@ -228,6 +228,138 @@ def test_two_writer_processes_give_the_same_store_as_one(reference, tmp_path):
         _, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
     xr.testing.assert_identical(open_store(path).load(), open_store(reference[0]).load())
+
+
+# Appends samples to a growing store once a "go" file appears, so that two processes append at once.
+APPENDER = r"""
+import os, sys, time
+
+import numpy as np
+import torch
+
+import attnlens
+from attnlens.testing import flux_inputs, tiny_flux_transformer
+
+store, rank, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
+while not os.path.exists(go):
+    time.sleep(0.01)
+with attnlens.capture(model, keep="cross", store=store) as cap:
+    for i in range(n):
+        if i % 3 == 2:  # some named, most numbered by the store
+            with cap.sample(f"rank{rank}-{i}"):
+                model(**flux_inputs(model, height=4, width=4, seed=100 * rank + i))
+        else:
+            cap.next_sample()
+            model(**flux_inputs(model, height=4, width=4, seed=100 * rank + i))
+np.save(f"{store}.{rank}.npy", cap.result.cross.values)
+"""
+
+
+def _each_exactly_once(store, expected):
+    """Every expected sample is in the store exactly once, and the store holds nothing else."""
+    ds = open_store(store).load()
+    stored = list(ds.cross.values)
+    assert len(stored) == len(expected) == len(set(ds.sample_id.values))
+    for values in expected:
+        matches = [i for i, got in enumerate(stored) if np.array_equal(got, values)]
+        assert len(matches) == 1
+        stored.pop(matches[0])
+    return ds
+
+
+def test_two_processes_appending_to_one_growing_store_at_once(tmp_path):
+    path = str(tmp_path / "run.zarr")
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", APPENDER, path, str(rank), "8", str(go)], stderr=subprocess.PIPE
+        )
+        for rank in range(2)
+    ]
+    go.touch()
+    for child in children:
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()
+    expected = [*np.load(f"{path}.0.npy"), *np.load(f"{path}.1.npy")]
+    ds = _each_exactly_once(path, expected)
+    named = sorted(i for i in ds.sample_id.values if i.startswith("rank"))
+    assert named == ["rank0-2", "rank0-5", "rank1-2", "rank1-5"]
+    assert verify_store(path) == []
+
+
+def test_two_writers_appending_to_one_memory_store_at_once(flux):
+    import threading
+
+    url = _memory_url()
+    flux_b = tiny_flux_transformer(num_layers=2, num_single_layers=2)
+    results = {}
+
+    def append(name, model, seed):
+        with attnlens.capture(model, keep="cross", store=url) as cap:
+            for i in range(6):
+                cap.next_sample()
+                model(**flux_inputs(model, seed=seed + i))
+        results[name] = cap.result.cross.values
+
+    threads = [
+        threading.Thread(target=append, args=("a", flux, 0)),
+        threading.Thread(target=append, args=("b", flux_b, 50)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ds = _each_exactly_once(url, [*results["a"], *results["b"]])
+    assert sorted(int(i) for i in ds.sample_id.values) == list(range(12))  # numbered without gaps or repeats
+
+
+def _lease(path, slot, pid, host=None):
+    import socket
+
+    lease = path / "_attnlens" / "leases" / str(slot)
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    host = host or socket.gethostname()
+    lease.write_text(json.dumps({"writer": "other", "id": "s1", "host": host, "pid": pid, "since": 0}))
+    return lease
+
+
+def test_a_sample_being_written_by_another_process_is_refused_and_a_dead_writers_is_taken_over(
+    reference, tmp_path
+):
+    import shutil
+
+    path = tmp_path / "run.zarr"
+    shutil.copytree(reference[0], path)
+    before = open_store(path).load()
+    model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
+
+    def rewrite_s1():
+        capture = attnlens.capture(model, keep=("cross", "key_mass"), store=path, sample_ids=IDS)
+        with capture as cap, cap.sample("s1"):
+            model(**flux_inputs(model, height=4, width=4, seed=9))
+        return cap.result
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease = _lease(path, 1, alive.pid)
+        with pytest.raises(StoreError, match=r"sample 's1' .* is being written by another writer .*delete"):
+            rewrite_s1()
+        xr.testing.assert_identical(open_store(path).load(), before)  # nothing was lost or changed
+        _lease(path, 1, alive.pid, host="elsewhere")
+        with pytest.raises(StoreError, match="being written by another writer"):
+            rewrite_s1()
+    finally:
+        alive.kill()
+        alive.wait()
+    _lease(path, 1, alive.pid)  # its process has ended: the lease is stale
+    rewritten = rewrite_s1()
+    assert not lease.exists()
+    after = open_store(path).load()
+    xr.testing.assert_identical(after.drop_sel(sample=1), before.drop_sel(sample=1))
+    np.testing.assert_array_equal(after.cross.sel(sample=1), rewritten.cross.isel(sample=0))
+    assert verify_store(path) == []
 
 
 def test_a_sample_without_its_record_is_rewritten_on_resume(reference, tmp_path):

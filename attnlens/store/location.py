@@ -176,17 +176,21 @@ async def create_once(store: Store, key: str, data: bytes) -> bool:
     root = local_root(store)
     if root is not None:
         return await asyncio.to_thread(_link_once, os.path.join(root, key), data)
-    fs = getattr(store, "fs", None)
-    if fs is not None:
-        try:
-            await fs._pipe_file(f"{store.path.rstrip('/')}/{key}", data, mode="create")
-        except FileExistsError:
+    async with _CREATING:  # in-memory file systems check, then create: one at a time in this process
+        fs = getattr(store, "fs", None)
+        if fs is not None:
+            try:
+                await fs._pipe_file(f"{store.path.rstrip('/')}/{key}", data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        if await store.exists(key):
             return False
-        return True
-    if await store.exists(key):
-        return False
-    await store.set_if_not_exists(key, _buffer(data))
-    return await get_bytes(store, key) == data
+        await store.set_if_not_exists(key, _buffer(data))
+        return await get_bytes(store, key) == data
+
+
+_CREATING = asyncio.Lock()  # zarr runs every store call on its one event loop
 
 
 def _link_once(path: str, data: bytes) -> bool:

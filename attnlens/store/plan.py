@@ -115,7 +115,7 @@ def plan(
     image_tokens: int | None = None,
     layout: str = "chunks",
     compression: str | None = None,
-    dtype: str | None = None,
+    storage_dtype: str | None = None,
     **spec_fields: Any,
 ) -> Plan:
     """The bytes a capture of ``model`` will write to a store, before it runs.
@@ -133,7 +133,7 @@ def plan(
         guidance: forwards per step: 2 when classifier-free guidance runs both branches.
         samples: samples in the run.
         image_tokens: image (video) tokens per forward, instead of ``height``/``width``.
-        layout, compression, dtype: the :class:`~attnlens.store.StoreWriter` options.
+        layout, compression, storage_dtype: the :class:`~attnlens.store.StoreWriter` options.
 
     >>> import attnlens
     >>> from attnlens.testing import tiny_flux_transformer
@@ -148,7 +148,7 @@ def plan(
 
     lay.check_option("layout", layout, lay.LAYOUTS[1:])
     lay.check_option("compression", compression, lay.COMPRESSIONS)
-    lay.check_option("storage dtype", dtype, lay.STORAGE_DTYPES)
+    lay.check_option("storage dtype", storage_dtype, lay.STORAGE_DTYPES)
     spec = spec if spec is not None else attnlens.CaptureSpec(**spec_fields)
     adapter, transformer, pipeline, name = _model(model)
     if image_tokens is None:
@@ -190,7 +190,7 @@ def plan(
         if var != "hidden_norm":
             sizes["head"] = heads
         sizes.update(dims[var])
-        stored = lay.storage_dtype(var, captured, dtype)
+        stored = lay.storage_dtype(var, captured, storage_dtype)
         variables[var] = (sizes, "bfloat16" if stored == np.uint16 else str(stored))
     if compression is not None:
         notes.append(f"{compression} compresses attention probabilities little: the sizes are upper bounds")
@@ -206,7 +206,7 @@ def plan(
         n_image,
         layout,
         compression,
-        dtype,
+        storage_dtype,
     )
     chunk_keys = 0
     for var, (sizes, stored) in variables.items():
@@ -294,14 +294,14 @@ def _skeleton(
     n_image: int,
     layout: str,
     compression: str | None,
-    dtype: str | None,
+    storage_dtype: str | None,
 ) -> tuple[dict[str, zarr.Array], int]:
     """The store's arrays created empty in memory, as its writer makes them; and the bytes written once."""
     from .writer import StoreWriter
 
     objects: dict[str, Any] = {}
     writer = StoreWriter(
-        zarr.storage.MemoryStore(objects), layout=layout, compression=compression, dtype=dtype
+        zarr.storage.MemoryStore(objects), layout=layout, compression=compression, storage_dtype=storage_dtype
     )
     group = zarr.open_group(writer._store, mode="a", zarr_format=3)
     arrays = {}

@@ -127,20 +127,26 @@ class _ChunkReader:
             np.dtype(object) if self.strings else np.dtype(np.float32) if self.storage else array.dtype
         )
 
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
         first, rest = key[0], key[1:]
-        slots = self.slots[first]
+        slots, ids = self.slots[first], np.atleast_1d(self.ids[first])
+        if np.ndim(slots) == 0:
+            first = int(slots)
+        elif len(slots) == 0:  # nothing to read: an empty result of the right shape
+            return np.broadcast_to(np.empty((), self.dtype), self.shape)[key].copy()
+        elif slots[-1] - slots[0] == len(slots) - 1 and np.all(np.diff(slots) == 1):
+            first = slice(int(slots[0]), int(slots[-1]) + 1)  # contiguous slots: one range
+        else:
+            first = slots
         try:
-            if len(slots) and slots[-1] - slots[0] == len(slots) - 1:  # contiguous slots: one slice
-                out = np.asarray(self.array[(slice(int(slots[0]), int(slots[-1]) + 1), *rest)])
-            else:
-                out = np.asarray(self.array.oindex[(slots, *rest)])
+            out = np.asarray(self.array.oindex[(first, *rest)])
         except CorruptStoreError:
             raise
         except OSError as exc:
             raise StoreError(f"cannot read {self.array.path!r} from {self.url}: {exc}") from exc
         except Exception as exc:  # the codecs raise ValueError/RuntimeError on bad bytes
-            names = choices([repr(str(i)) for i in self.ids[first]], 4)
+            names = choices([repr(str(i)) for i in ids], 4)
             raise CorruptStoreError(
                 f"{self.url}: a chunk of {self.array.path!r} for sample(s) {names} cannot be decoded "
                 f"({type(exc).__name__}: {exc}); the file is truncated or corrupt. Capture the sample again "
@@ -175,7 +181,7 @@ def _lazy(reader: _ChunkReader, data: bool) -> Any:
         name=f"attnlens-{array.path}-{uuid.uuid4().hex}",
         asarray=False,
         lock=False,
-        fancy=False,
+        fancy=True,  # dask fuses a selection into the read only for fancy getters: one sample reads one
         meta=np.empty((0,) * array.ndim, dtype=reader.dtype),
     )
 

@@ -326,7 +326,7 @@ class StoreWriter:
         compression: ``None`` (the default and the fastest: attention probabilities compress
             about 1.1×), ``"zstd"`` or ``"lz4"`` (blosc, byte-shuffled).
         compression_level: the compressor's level.
-        dtype: storage dtype of the attention probabilities (``cross``, ``text_to_image``,
+        storage_dtype: dtype of the attention probabilities on disk (``cross``, ``text_to_image``,
             ``key_mass``, ``full``): ``None`` (as captured), ``"float16"`` or ``"bfloat16"``;
             ``hidden_norm`` keeps its dtype. See the docs for the precision each keeps.
 
@@ -352,11 +352,11 @@ class StoreWriter:
         layout: str = "auto",
         compression: str | None = None,
         compression_level: int = 1,
-        dtype: str | None = None,
+        storage_dtype: str | None = None,
     ) -> None:
         lay.check_option("layout", layout, lay.LAYOUTS)
         lay.check_option("compression", compression, lay.COMPRESSIONS)
-        lay.check_option("storage dtype", dtype, lay.STORAGE_DTYPES)
+        lay.check_option("storage dtype", storage_dtype, lay.STORAGE_DTYPES)
         if sample_ids is not None:
             sample_ids = [str(s) for s in sample_ids]
             if not sample_ids or len(set(sample_ids)) != len(sample_ids) or "" in sample_ids:
@@ -365,7 +365,7 @@ class StoreWriter:
         self.layout = layout if layout != "auto" else ("chunks" if local_root(self.store) else "shards")
         self.compression = compression
         self.compression_level = compression_level
-        self.dtype = dtype
+        self.storage_dtype = storage_dtype
         self.token = uuid.uuid4().hex
         LIVE_WRITERS[self.token] = self
         self._store = _Recorder(self.store)
@@ -485,7 +485,7 @@ class StoreWriter:
             raise LayoutError(f"stream a variable of the schema with its dims, e.g. full {DIMS['full'][1:]}")
         if sample_id is not None:
             self.check_ids([str(sample_id)])
-        dtype = lay.storage_dtype(name, np.dtype(dtype), self.dtype)
+        dtype = lay.storage_dtype(name, np.dtype(dtype), self.storage_dtype)
         self.check_space(math.prod(sizes.values()) * dtype.itemsize, f"keeping {name!r} of one sample")
         done: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -636,8 +636,8 @@ class StoreWriter:
 
     async def _put(self, arr: zarr.Array, index: tuple[slice, ...], values: np.ndarray) -> None:
         """Write one storage block, converted to the storage dtype in a worker thread."""
-        if lay.storage_dtype(arr.basename, values.dtype, self.dtype) != values.dtype:
-            values = await asyncio.to_thread(lay.encode, values, self.dtype)
+        if lay.storage_dtype(arr.basename, values.dtype, self.storage_dtype) != values.dtype:
+            values = await asyncio.to_thread(lay.encode, values, self.storage_dtype)
         await arr.async_array.setitem(index, values)
 
     def _commit(self, pos: int, sample_id: str, prompt: str) -> None:
@@ -792,7 +792,7 @@ class StoreWriter:
                 group,
                 str(name),
                 shape=(extent, *values.shape[1:]),
-                dtype=lay.storage_dtype(str(name), values.dtype, self.dtype),
+                dtype=lay.storage_dtype(str(name), values.dtype, self.storage_dtype),
                 dims=values.dims,
                 data=True,
             )
@@ -862,7 +862,9 @@ class StoreWriter:
         elif chunks is None:
             chunks = tuple(max(1, s) for s in shape)
         attributes = (
-            {lay.STORAGE_ATTR: self.dtype} if data and self.dtype == "bfloat16" and dtype == np.uint16 else {}
+            {lay.STORAGE_ATTR: self.storage_dtype}
+            if data and self.storage_dtype == "bfloat16" and dtype == np.uint16
+            else {}
         )
         if strings:
             fill: Any = ""
@@ -911,7 +913,7 @@ class StoreWriter:
             if name in streamed:
                 continue
             arr, values = arrays[name], ds[name]
-            dtype = lay.storage_dtype(name, values.dtype, self.dtype)
+            dtype = lay.storage_dtype(name, values.dtype, self.storage_dtype)
             if arr.shape[1:] != values.shape[1:] or arr.dtype != dtype:
                 raise LayoutError(
                     f"{where} holds {name!r} per sample as {arr.shape[1:]} {arr.dtype}, this capture "
