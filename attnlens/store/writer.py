@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -242,7 +243,13 @@ class SampleStream:
     """
 
     def __init__(
-        self, writer: StoreWriter, slot: int, sample_id: str, name: str, sizes: dict[str, int]
+        self,
+        writer: StoreWriter,
+        slot: int,
+        sample_id: str,
+        name: str,
+        sizes: dict[str, int],
+        block: Sequence[int],
     ) -> None:
         self._writer = writer
         self.slot = slot
@@ -250,8 +257,7 @@ class SampleStream:
         self.name = name
         self.sizes = sizes
         self.auto = False
-        array = writer._arrays_for_streams[name]
-        self.chunks = dict(zip(sizes, array.metadata.chunk_grid.chunk_shape[1:], strict=True))
+        self.chunks = dict(zip(sizes, block, strict=True))
         grid = [math.ceil(s / c) for s, c in zip(sizes.values(), self.chunks.values(), strict=True)]
         self._covered = np.zeros(grid, dtype=np.int64)  # elements written per block
 
@@ -280,27 +286,20 @@ class SampleStream:
         self._writer._enqueue(lambda: self._writer._write_region(self, tuple(index), values))
 
     def _cover(self, index: list[slice]) -> None:
-        overlaps = []
-        for sel, chunk, n in zip(index, self.chunks.values(), self._covered.shape, strict=True):
+        self._covered += self._overlap([(s.start, s.stop) for s in index])
+
+    def _overlap(self, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """Elements of the region ``ranges`` (start, stop per dim) in each storage block."""
+        per_dim = []
+        for (start, stop), chunk, n in zip(ranges, self.chunks.values(), self._covered.shape, strict=True):
             starts = np.arange(n) * chunk
-            overlaps.append(
-                np.clip(np.minimum(starts + chunk, sel.stop) - np.maximum(starts, sel.start), 0, None)
-            )
-        self._covered += np.multiply.reduce(np.ix_(*overlaps))
+            per_dim.append(np.clip(np.minimum(starts + chunk, stop) - np.maximum(starts, start), 0, None))
+        return functools.reduce(np.multiply, np.ix_(*per_dim))
 
     def missing(self) -> int:
         """Elements not written exactly once (0 when the stream is complete)."""
-        full = np.multiply.reduce(
-            np.ix_(
-                *[
-                    np.minimum(np.arange(n) * c + c, s) - np.arange(n) * c
-                    for n, c, s in zip(
-                        self._covered.shape, self.chunks.values(), self.sizes.values(), strict=True
-                    )
-                ]
-            )
-        )
-        return int(np.abs(full - self._covered).sum())
+        whole = self._overlap([(0, n) for n in self.sizes.values()])
+        return int(np.abs(whole - self._covered).sum())
 
 
 # -- the writer -------------------------------------------------------------------------------
@@ -487,17 +486,7 @@ class StoreWriter:
             self.check_ids([str(sample_id)])
         dtype = lay.storage_dtype(name, np.dtype(dtype), self.storage_dtype)
         self.check_space(math.prod(sizes.values()) * dtype.itemsize, f"keeping {name!r} of one sample")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def begin() -> None:
-            try:
-                done.set_result(self._begin_stream(sample_id, name, dict(sizes), dtype))
-            except BaseException as exc:
-                done.set_exception(exc)
-                raise
-
-        self._enqueue(begin)
-        stream = done.result()
+        stream = self._enqueue(lambda: self._begin_stream(sample_id, name, dict(sizes), dtype)).result()
         stream.auto = sample_id is None
         self._streams.append(stream)
         return stream
@@ -505,8 +494,7 @@ class StoreWriter:
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait until every queued sample is written, consolidate the index; then raise a write error."""
         if self._streams:  # begun but never submitted (the capture ended early): leave nothing half-written
-            streams, self._streams = self._streams, []
-            self._enqueue(lambda: [self._discard(s.slot) for s in streams])
+            self._enqueue(self._discard_streams)
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -526,23 +514,29 @@ class StoreWriter:
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _enqueue(self, job: Callable[[], object]) -> None:
+    def _enqueue(self, job: Callable[[], Any]) -> concurrent.futures.Future:
+        """Queue ``job`` for the writer thread; its future holds what it returns, or the error it met."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="attnlens-store-writer", daemon=True)
             self._thread.start()
-        self._queue.put(job)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((job, done))
+        return done
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            if self._error is not None:
-                continue  # keep draining, so that submit never blocks on a dead writer
+            job, done = item
+            if self._error is not None:  # keep draining, so that nobody waits on a dead writer
+                done.set_exception(self._error)
+                continue
             try:
-                job()
+                done.set_result(job())
             except BaseException as exc:
                 self._error = self._explain(exc)
+                done.set_exception(self._error)
 
     def _explain(self, exc: BaseException) -> BaseException:
         if isinstance(exc, StoreError | LayoutError):
@@ -598,6 +592,11 @@ class StoreWriter:
             except BaseException:
                 self._discard(pos)
                 raise
+
+    def _discard_streams(self) -> None:
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            self._discard(stream.slot)
 
     def _take_stream(self, sample_id: str | None) -> SampleStream | None:
         for i, stream in enumerate(self._streams):
@@ -726,9 +725,11 @@ class StoreWriter:
                 data=True,
             )
             self._roles[name] = "data"
+            self._store.per_sample.add(name)
             self._extent = extent
         pos, sample_id = sync(self._begin(sample_id))
-        return SampleStream(self, pos, sample_id, name, sizes)
+        array = (self._arrays or self._arrays_for_streams)[name]
+        return SampleStream(self, pos, sample_id, name, sizes, array.metadata.chunk_grid.chunk_shape[1:])
 
     # -- setting up ----------------------------------------------------------------------------
 
@@ -858,7 +859,7 @@ class StoreWriter:
         strings = dtype.kind in "OUT"
         shards = None
         if data:
-            chunks, shards = lay.chunking(shape, dtype.itemsize, self.layout)
+            chunks, shards = lay.chunking(shape, dtype.itemsize, self.layout, name)
         elif chunks is None:
             chunks = tuple(max(1, s) for s in shape)
         attributes = (
