@@ -48,7 +48,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a store holds: samples, variables and their sizes, layers, steps and tokens."""
     from attnlens.errors import CorruptStoreError, choices
     from attnlens.store import open_store, stored_bytes, verify_store
-    from attnlens.store.plan import format_bytes
+    from attnlens.store.planning import format_bytes
 
     try:
         ds = open_store(args.store)
@@ -144,7 +144,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from attnlens.store import plan
-    from attnlens.store.plan import format_bytes
+    from attnlens.store.planning import format_bytes
 
     heads = args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
     spec = {"keep": tuple(args.keep), "heads": heads, "dtype": getattr(torch, args.capture_dtype)}

@@ -22,7 +22,7 @@ True
 
 The package has one module per job: :mod:`.location` (what a location holds, the claim
 primitives), :mod:`.layout` (chunks, codecs, storage dtype), :mod:`.records` (which samples are
-complete and what each wrote), :mod:`.writer`, :mod:`.reader` and :mod:`.plan`.
+complete and what each wrote), :mod:`.writer`, :mod:`.reader` and :mod:`.planning`.
 
 Layout of a store (one zarr v3 group):
 
@@ -54,7 +54,7 @@ fill disjoint slots, e.g. under ``torchrun``::
 
 from __future__ import annotations
 
-from .plan import Plan, plan
+from .planning import Plan, plan
 from .reader import open_store, stored_bytes, verify_store
 from .writer import SampleStream, StoreWriter
 

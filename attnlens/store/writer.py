@@ -50,7 +50,7 @@ from .location import (
     read_root,
     resolve,
 )
-from .plan import format_bytes
+from .planning import format_bytes
 from .records import (
     LIVE_WRITERS,
     SAMPLES,
