@@ -59,10 +59,10 @@ def _run(store, ids, todo, kill_at):
     if kill_at:
         original = StoreWriter._commit
 
-        def crash(self, pos, sample_id, prompt):  # every chunk of the sample is written, its record is not
+        async def crash(self, pos, sample_id, prompt):  # every chunk of the sample written, its record not
             if sample_id == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(self, pos, sample_id, prompt)
+            await original(self, pos, sample_id, prompt)
 
         StoreWriter._commit = crash
     with attnlens.capture(model, keep=("cross", "key_mass"), store=store, sample_ids=ids) as cap:
@@ -274,7 +274,7 @@ def test_two_processes_appending_to_one_growing_store_at_once(tmp_path):
     go = tmp_path / "go"
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", APPENDER, path, str(rank), "8", str(go)], stderr=subprocess.PIPE
+            [sys.executable, "-c", APPENDER, path, str(rank), "40", str(go)], stderr=subprocess.PIPE
         )
         for rank in range(2)
     ]
@@ -285,7 +285,9 @@ def test_two_processes_appending_to_one_growing_store_at_once(tmp_path):
     expected = [*np.load(f"{path}.0.npy"), *np.load(f"{path}.1.npy")]
     ds = _each_exactly_once(path, expected)
     named = sorted(i for i in ds.sample_id.values if i.startswith("rank"))
-    assert named == ["rank0-2", "rank0-5", "rank1-2", "rank1-5"]
+    assert named == sorted(
+        f"rank{r}-{i}" for r in range(2) for i in range(2, 40, 3)
+    )  # 80 samples: arrays grew
     assert verify_store(path) == []
 
 

@@ -212,3 +212,16 @@ def test_a_failed_write_stops_the_next_stream_instead_of_leaving_it_waiting(with
     with pytest.raises(LayoutError, match="this sample group is broken"):
         writer.stream("b", "full", dict(full.sizes), dtype=full.dtype)
     writer.close(raise_errors=False)
+
+
+def test_a_growing_store_grows_past_its_first_capacity(tmp_path):
+    dims = ("sample", "step", "layer", "head", "key")
+    groups = [np.full((30, 1, 1, 1, 4), float(g), dtype=np.float32) for g in range(3)]
+    writer = StoreWriter(tmp_path / "run.zarr")
+    for values in groups:  # 90 samples: the arrays start with room for 64
+        writer.submit(None, lambda values=values: xr.Dataset({"key_mass": (dims, values)}))
+    writer.close()
+    ds = open_store(tmp_path / "run.zarr")
+    assert list(ds.sample_id.values) == [str(i) for i in range(90)]
+    np.testing.assert_array_equal(ds.key_mass.values, np.concatenate(groups))
+    assert ds.encoding["sample_slots"] == 90

@@ -145,11 +145,17 @@ async def read_record(store: Store, name: str, url: str) -> dict[str, Any]:
     return body
 
 
-async def slot_records(store: Store, slot: int) -> list[str]:
-    """Names of the records of one slot (normally none or one)."""
-    folder = str(slot // BLOCK)
-    names = await list_names(store, f"{SAMPLES}/{folder}")
-    return [f"{folder}/{n}" for n in names if n.startswith(f"{slot}.") and n.endswith(".json")]
+async def old_records(store: Store, slots: list[int]) -> list[str]:
+    """Keys of the records of ``slots`` (normally none): one listing per folder of records."""
+    wanted = set(slots)
+    folders = sorted({slot // BLOCK for slot in wanted})
+    listed = await asyncio.gather(*(list_names(store, f"{SAMPLES}/{f}") for f in folders))
+    return [
+        f"{SAMPLES}/{f}/{n}"
+        for f, names in zip(folders, listed, strict=True)
+        for n in names
+        if n.endswith(".json") and slot_of(n) in wanted
+    ]
 
 
 async def _all_names(store: Store) -> list[str]:

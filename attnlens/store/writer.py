@@ -53,11 +53,10 @@ from .location import (
 from .planning import format_bytes
 from .records import (
     LIVE_WRITERS,
-    SAMPLES,
     crc32c,
     drop_lease,
     load_records,
-    slot_records,
+    old_records,
     take_lease,
     write_index,
     write_record,
@@ -565,6 +564,7 @@ class StoreWriter:
             return 0
 
     def _write(self, ids: list[str] | None, build: Callable[[], xr.Dataset]) -> None:
+        """Write one sample group: every sample's slot, chunks and record at once (their I/O overlaps)."""
         ds = build()
         n = ds.sizes.get("sample", 0)
         if ids is not None and len(ids) != n:
@@ -573,25 +573,37 @@ class StoreWriter:
             self._setup(ds)
         prompts = [str(p) for p in ds.attrs.get("prompts") or []]
         prompts += [""] * (n - len(prompts))
-        for row in range(n):
-            stream = self._take_stream(ids[row] if ids is not None else None)
-            streamed = {stream.name} if stream is not None else set()
-            self._check_layout(ds, streamed)
-            if stream is None:
-                pos, sid = sync(self._begin(ids[row] if ids is not None else None))
-            else:
-                pos, sid = stream.slot, stream.sample_id
-            try:
-                self._write_slot(ds, row, pos, streamed)
+        streams = [self._take_stream(ids[row] if ids is not None else None) for row in range(n)]
+        slots = {row: (s.slot, s.sample_id) for row, s in enumerate(streams) if s is not None}
+        done: list[int] = []  # slots committed
+        try:
+            for streamed in {frozenset([s.name] if s is not None else []) for s in streams}:
+                self._check_layout(ds, set(streamed))
+            fresh = [row for row in range(n) if streams[row] is None]
+            begun = sync(self._begin_all([ids[r] if ids is not None else None for r in fresh]))
+            slots.update(zip(fresh, begun, strict=True))
+            sync(self._write_rows(ds, slots, streams))
+            for stream in streams:
                 if stream is not None and stream.missing():
                     raise LayoutError(
-                        f"{stream.name!r} of sample {sid!r} was streamed incompletely: {stream.missing()} "
-                        "element(s) were written never or more than once"
+                        f"{stream.name!r} of sample {stream.sample_id!r} was streamed incompletely: "
+                        f"{stream.missing()} element(s) were written never or more than once"
                     )
-                self._commit(pos, sid, prompts[row])
-            except BaseException:
-                self._discard(pos)
-                raise
+
+            async def commit_all() -> None:
+                async def one(row: int) -> None:
+                    pos, sample_id = slots[row]
+                    await self._commit(pos, sample_id, prompts[row])
+                    done.append(pos)
+
+                await asyncio.gather(*(one(row) for row in range(n)))
+
+            sync(commit_all())
+        except BaseException:
+            for pos, _ in slots.values():
+                if pos not in done:
+                    self._discard(pos)
+            raise
 
     def _discard_streams(self) -> None:
         streams, self._streams = self._streams, []
@@ -604,34 +616,56 @@ class StoreWriter:
                 return self._streams.pop(i)
         return None
 
-    async def _begin(self, sample_id: str | None) -> tuple[int, str]:
-        """Find, lease and empty the slot of a sample; from here on it is incomplete."""
-        pos, sample_id = await self._slots.slot(self.store, self.url, sample_id, self.token)
-        await take_lease(self.store, self.url, pos, sample_id, self.token)
-        await self._ensure_extent(pos)
-        old = await slot_records(self.store, pos)
-        await delete_keys(self.store, [f"{SAMPLES}/{name}" for name in old])
-        self._store.take(pos)
+    async def _begin_all(self, sample_ids: list[str | None]) -> list[tuple[int, str]]:
+        """Find, lease and empty the slots of some samples; from here on they are incomplete."""
+        found = []
+        for sample_id in sample_ids:  # one by one: a growing store numbers the group's samples in order
+            found.append(await self._slots.slot(self.store, self.url, sample_id, self.token))
+        leased = await asyncio.gather(
+            *(take_lease(self.store, self.url, pos, s, self.token) for pos, s in found),
+            return_exceptions=True,
+        )
+        taken = [
+            pos
+            for (pos, _), result in zip(found, leased, strict=True)
+            if not isinstance(result, BaseException)
+        ]
+        try:
+            failed = [result for result in leased if isinstance(result, BaseException)]
+            if failed:
+                raise failed[0]
+            if found:
+                await self._ensure_extent(max(pos for pos, _ in found))
+            await delete_keys(self.store, await old_records(self.store, [pos for pos, _ in found]))
+        except BaseException:
+            await asyncio.gather(*(drop_lease(self.store, pos) for pos in taken))
+            raise
+        for pos, _ in found:
+            self._store.take(pos)
         self._wrote = True
-        return pos, sample_id
+        return list(found)
 
-    def _write_slot(self, ds: xr.Dataset, row: int, pos: int, streamed: set[str]) -> None:
-        arrays = self._arrays
-        assert arrays is not None
+    async def _write_rows(
+        self, ds: xr.Dataset, slots: dict[int, tuple[int, str]], streams: list[SampleStream | None]
+    ) -> None:
+        """Every storage block of the group's samples (but their streamed variables), all at once."""
+        assert self._arrays is not None
         jobs = []
-        for name, arr in arrays.items():
-            if self._roles[name] not in ("data", "per_sample") or name in streamed:
-                continue
-            values = np.asarray(ds[name].values[row : row + 1])
+        for name, arr in self._arrays.items():
+            if self._roles[name] not in ("data", "per_sample") or name not in ds.variables:
+                continue  # a variable streamed for every sample of the group
+            values = np.asarray(ds[name].values)
             if values.dtype.kind in "OU":
                 values = values.astype(object)
-            for region in _regions(values.shape[1:], arr.metadata.chunk_grid.chunk_shape[1:]):
-                jobs.append(self._put(arr, (slice(pos, pos + 1), *region), values[(slice(None), *region)]))
-
-        async def write_all() -> None:  # all at once: chunks convert, encode and land concurrently
-            await asyncio.gather(*jobs)
-
-        sync(write_all())
+            regions = _regions(values.shape[1:], arr.metadata.chunk_grid.chunk_shape[1:])
+            for row, (pos, _) in slots.items():
+                if streams[row] is not None and streams[row].name == name:
+                    continue
+                for region in regions:
+                    jobs.append(
+                        self._put(arr, (slice(pos, pos + 1), *region), values[(slice(row, row + 1), *region)])
+                    )
+        await asyncio.gather(*jobs)
 
     async def _put(self, arr: zarr.Array, index: tuple[slice, ...], values: np.ndarray) -> None:
         """Write one storage block, converted to the storage dtype in a worker thread."""
@@ -639,7 +673,7 @@ class StoreWriter:
             values = await asyncio.to_thread(lay.encode, values, self.storage_dtype)
         await arr.async_array.setitem(index, values)
 
-    def _commit(self, pos: int, sample_id: str, prompt: str) -> None:
+    async def _commit(self, pos: int, sample_id: str, prompt: str) -> None:
         """The commit point of a sample: its record, written after every one of its chunks."""
         assert self._arrays is not None
         written = self._store.take(pos)
@@ -652,8 +686,8 @@ class StoreWriter:
         missing = [k for k in expected if k not in written]
         if missing:
             raise StoreError(f"{self.url}: sample {sample_id!r} left chunks unwritten: {choices(missing, 4)}")
-        sync(write_record(self.store, pos, sample_id, prompt, written))
-        sync(drop_lease(self.store, pos))
+        await write_record(self.store, pos, sample_id, prompt, written)
+        await drop_lease(self.store, pos)
 
     def _discard(self, pos: int) -> None:
         """Remove what a failed write left of slot ``pos`` (frees space on a full disk); best effort."""
@@ -673,30 +707,28 @@ class StoreWriter:
         """Grow the per-sample arrays (to the next power of two) so that they hold slot ``pos``."""
         if pos < self._extent:
             return
-        arrays = {
-            n: a
-            for n, a in {**self._arrays_for_streams, **(self._arrays or {})}.items()
-            if self._roles.get(n, "data") != "layout"
-        }
-        fresh = {
-            n: zarr.open_array(self._store, path=n, mode="r+").with_config(WRITE) for n in arrays
-        }  # others may have grown them
+        names = [
+            n for n in {**self._arrays_for_streams, **(self._arrays or {})} if self._roles.get(n) != "layout"
+        ]
+        opened = await asyncio.gather(  # afresh: other writers may have grown them
+            *(zarr.api.asynchronous.open_array(store=self._store, path=n, mode="r+") for n in names)
+        )
         size = self._slots.capacity(pos)
         await asyncio.gather(
             *(
-                a.async_array.resize((size, *a.shape[1:]), delete_outside_chunks=False)
-                for a in fresh.values()
+                a.resize((size, *a.shape[1:]), delete_outside_chunks=False)
+                for a in opened
                 if a.shape[0] <= pos
             )
         )
-        for name, arr in fresh.items():
+        for name, arr in zip(names, opened, strict=True):
             owner = (
                 self._arrays
                 if self._arrays is not None and name in self._arrays
                 else self._arrays_for_streams
             )
-            owner[name] = arr
-        self._extent = min((a.shape[0] for a in fresh.values()), default=0)
+            owner[name] = zarr.Array(arr.with_config(WRITE))
+        self._extent = min((a.shape[0] for a in opened), default=0)
 
     def _write_region(self, stream: SampleStream, index: tuple[slice, ...], values: np.ndarray) -> None:
         arr = (self._arrays or {}).get(stream.name) or self._arrays_for_streams[stream.name]
@@ -727,7 +759,7 @@ class StoreWriter:
             self._roles[name] = "data"
             self._store.per_sample.add(name)
             self._extent = extent
-        pos, sample_id = sync(self._begin(sample_id))
+        ((pos, sample_id),) = sync(self._begin_all([sample_id]))
         array = (self._arrays or self._arrays_for_streams)[name]
         return SampleStream(self, pos, sample_id, name, sizes, array.metadata.chunk_grid.chunk_shape[1:])
 
