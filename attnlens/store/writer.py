@@ -65,7 +65,9 @@ from .records import (
 __all__ = ["SampleStream", "StoreWriter"]
 
 DECLARED = f"{META}/declared.json"
-WRITE = {"write_empty_chunks": True}  # a written slot always has its chunks, even all-NaN ones
+WRITE = {"write_empty_chunks": True}
+_OVERLAP = 2  # streamed regions written at once: two keep a disk busy, and bound what is held
+_NOTHING = object()  # a written slot always has its chunks, even all-NaN ones
 CLAIMS = f"{META}/claims"  # growing stores: one object per slot ever handed out
 IDS = f"{META}/ids"  # growing stores: sample id -> slot, created once per id
 
@@ -191,8 +193,11 @@ class _Recorder(WrapperStore):
 
     async def set(self, key: str, value: Any) -> None:
         data = value.as_numpy_array()
-        # the checksum in a worker thread, beside the write: the event loop keeps dispatching other chunks
-        crc, _ = await asyncio.gather(asyncio.to_thread(crc32c, data), self._store.set(key, value))
+        if data.size < 2**20:  # a small chunk: its checksum costs less than a thread's hand-over
+            crc = crc32c(data)
+            await self._store.set(key, value)
+        else:  # in a worker thread, beside the write: the event loop keeps dispatching other chunks
+            crc, _ = await asyncio.gather(asyncio.to_thread(crc32c, data), self._store.set(key, value))
         entry = (int(data.size), crc)
         array, _, rest = key.rpartition("/")
         if rest.startswith("c."):
@@ -282,7 +287,11 @@ class SampleStream:
             raise LayoutError(f"{self.name}: values of shape {values.shape} do not fill the region {shape}")
         values = values.reshape(shape)  # restores integer-indexed dims
         self._cover(index)
-        self._writer._enqueue(lambda: self._writer._write_region(self, tuple(index), values))
+        aligned = all(  # whole blocks: no other region's write reads or rewrites them
+            sel.start % chunk == 0 and (sel.stop % chunk == 0 or sel.stop == size)
+            for sel, chunk, size in zip(index, self.chunks.values(), self.sizes.values(), strict=True)
+        )
+        self._writer._enqueue(lambda: self._writer._write_region(self, tuple(index), values), overlap=aligned)
 
     def _cover(self, index: list[slice]) -> None:
         self._covered += self._overlap([(s.start, s.stop) for s in index])
@@ -317,7 +326,7 @@ class StoreWriter:
             that writes to it; ``None`` for a store that grows with each new sample.
         storage_options: passed to fsspec for URLs.
         queue_size: samples (or streamed regions) waiting for the writer before :meth:`submit`
-            blocks.
+            (:meth:`SampleStream.write`) blocks; two more regions may be being written.
         layout: ``"chunks"`` (large chunks: local disks), ``"shards"`` (one step and layer per
             inner chunk, packed in shards: object stores, where reading one layer should not
             fetch its neighbours) or ``"auto"`` (``"chunks"`` on local disks, else ``"shards"``).
@@ -513,29 +522,56 @@ class StoreWriter:
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _enqueue(self, job: Callable[[], Any]) -> concurrent.futures.Future:
-        """Queue ``job`` for the writer thread; its future holds what it returns, or the error it met."""
+    def _enqueue(self, job: Callable[[], Any], *, overlap: bool = False) -> concurrent.futures.Future:
+        """Queue ``job`` for the writer thread; its future holds what it returns, or the error it met.
+
+        A job may return a coroutine, which is run; with ``overlap``, beside the next one queued so.
+        """
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="attnlens-store-writer", daemon=True)
             self._thread.start()
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((job, done))
+        self._queue.put((job, done, overlap))
         return done
 
     def _run(self) -> None:
+        held: Any = _NOTHING  # an item taken from the queue that did not fit the last batch
         while True:
-            item = self._queue.get()
+            item, held = (self._queue.get() if held is _NOTHING else held), _NOTHING
             if item is None:
                 return
-            job, done = item
-            if self._error is not None:  # keep draining, so that nobody waits on a dead writer
+            batch = [item]
+            while item[2] and len(batch) < _OVERLAP:  # streamed regions queued back to back land together
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None or not following[2]:
+                    held = following
+                    break
+                batch.append(following)
+            self._do(batch)
+
+    def _do(self, batch: list[tuple[Callable[[], Any], concurrent.futures.Future, bool]]) -> None:
+        if self._error is not None:  # keep draining, so that nobody waits on a dead writer
+            for _, done, _ in batch:
                 done.set_exception(self._error)
-                continue
-            try:
-                done.set_result(job())
-            except BaseException as exc:
-                self._error = self._explain(exc)
+            return
+        try:
+            results = [job() for job, _, _ in batch]  # coroutines (streamed regions) run together below
+            if any(asyncio.iscoroutine(r) for r in results):
+
+                async def together() -> list[Any]:
+                    return await asyncio.gather(*results)
+
+                results = sync(together())
+        except BaseException as exc:
+            self._error = self._explain(exc)
+            for _, done, _ in batch:
                 done.set_exception(self._error)
+            return
+        for (_, done, _), result in zip(batch, results, strict=True):
+            done.set_result(result)
 
     def _explain(self, exc: BaseException) -> BaseException:
         if isinstance(exc, StoreError | LayoutError):
@@ -661,7 +697,7 @@ class StoreWriter:
             for row, (pos, _) in slots.items():
                 if streams[row] is not None and streams[row].name == name:
                     continue
-                for region in regions:
+                for region in regions:  # one block a call: zarr writes a value the shape of a chunk as is
                     jobs.append(
                         self._put(arr, (slice(pos, pos + 1), *region), values[(slice(row, row + 1), *region)])
                     )
@@ -730,9 +766,14 @@ class StoreWriter:
             owner[name] = zarr.Array(arr.with_config(WRITE))
         self._extent = min((a.shape[0] for a in opened), default=0)
 
-    def _write_region(self, stream: SampleStream, index: tuple[slice, ...], values: np.ndarray) -> None:
-        arr = (self._arrays or {}).get(stream.name) or self._arrays_for_streams[stream.name]
-        sync(self._put(arr, (slice(stream.slot, stream.slot + 1), *index), values[np.newaxis]))
+    async def _write_region(self, stream: SampleStream, index: tuple[slice, ...], values: np.ndarray) -> None:
+        arrays = (
+            self._arrays
+            if self._arrays is not None and stream.name in self._arrays
+            else self._arrays_for_streams
+        )
+        arr = arrays[stream.name]
+        await self._put(arr, (slice(stream.slot, stream.slot + 1), *index), values[np.newaxis])
 
     def _begin_stream(
         self, sample_id: str | None, name: str, sizes: dict[str, int], dtype: np.dtype
