@@ -122,7 +122,7 @@ def write_numpy(ds: xr.Dataset, folder: Path) -> None:
 def write_store(ds: xr.Dataset, folder: Path, **options) -> None:
     writer = StoreWriter(folder, **options)
     for i in range(ds.sizes["sample"]):  # one sample per submit, as a capture streams them
-        one = ds.isel(sample=[i])
+        one = ds.isel(sample=slice(i, i + 1))  # a view, as a capture hands over its own arrays
         writer.submit([f"s{i}"], lambda one=one: one)
     writer.close()
 
@@ -402,7 +402,7 @@ load average {loads[0]} before, {loads[1]} after.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["write", "stream", "capture", "large"])
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--grid", type=int, default=64, help="image tokens per side of the written data")
     parser.add_argument("--text", type=int, default=512, help="text tokens of the written data")
     parser.add_argument("--stream-layers", type=int, default=4)

@@ -128,12 +128,15 @@ def plan(
         steps: denoising steps of each sample.
         text_tokens: the prompt's tokens as encoded (e.g. FLUX's ``max_sequence_length``; SD3:
             the T5 part, after CLIP's 77).
-        height, width: pixels of each image (video frame).
+        height: pixels of each image (video frame), top to bottom.
+        width: pixels of each image (video frame), left to right.
         frames: frames of each video.
         guidance: forwards per step: 2 when classifier-free guidance runs both branches.
         samples: samples in the run.
         image_tokens: image (video) tokens per forward, instead of ``height``/``width``.
-        layout, compression, storage_dtype: the :class:`~attnlens.store.StoreWriter` options.
+        layout: the :class:`~attnlens.store.StoreWriter`'s layout (``"chunks"`` or ``"shards"``).
+        compression: its compression (sizes become upper bounds).
+        storage_dtype: its storage dtype of probabilities.
 
     >>> import attnlens
     >>> from attnlens.testing import tiny_flux_transformer

@@ -65,9 +65,9 @@ from .records import (
 __all__ = ["SampleStream", "StoreWriter"]
 
 DECLARED = f"{META}/declared.json"
-WRITE = {"write_empty_chunks": True}
+WRITE = {"write_empty_chunks": True}  # a written slot always has its chunks, even all-NaN ones
 _OVERLAP = 2  # streamed regions written at once: two keep a disk busy, and bound what is held
-_NOTHING = object()  # a written slot always has its chunks, even all-NaN ones
+_NOTHING = object()
 CLAIMS = f"{META}/claims"  # growing stores: one object per slot ever handed out
 IDS = f"{META}/ids"  # growing stores: sample id -> slot, created once per id
 
@@ -277,7 +277,9 @@ class SampleStream:
         index = []
         for dim, size in self.sizes.items():
             sel = region.get(dim, slice(None))
-            start, stop, step = (sel, sel + 1, 1) if isinstance(sel, int) else sel.indices(size)
+            start, stop, step = (
+                (int(sel), int(sel) + 1, 1) if isinstance(sel, int | np.integer) else sel.indices(size)
+            )
             if step != 1 or not 0 <= start < stop <= size:
                 raise LayoutError(f"{self.name}: {dim}={sel!r} is not a range within 0…{size}")
             index.append(slice(start, stop))
