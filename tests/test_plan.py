@@ -176,3 +176,22 @@ def test_cli_plan(capsys):
         == 2
     )
     assert "holds no diffusers pipeline" in capsys.readouterr().out
+
+
+def test_a_model_of_no_known_family_needs_its_token_count():
+    import diffusers
+
+    with torch.device("meta"):  # the positional fallback's model: no weights needed for a plan
+        pixart = diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
+            norm_type="ada_norm_single", num_embeds_ada_norm=1000,
+        )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            UnsupportedModelError, match=r"generic adapter .* give plan\(image_tokens=\.\.\.\)"
+        ):
+            plan(pixart, keep="cross", height=64, width=96, steps=2, text_tokens=6)
+        p = plan(pixart, keep="cross", image_tokens=24, steps=2, text_tokens=6)
+    assert p.variables["cross"][0] == {"step": 2, "layer": 4, "head": 3, "query": 24, "key_text": 6}

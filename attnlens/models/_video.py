@@ -7,14 +7,15 @@ frame, row by row; every adapter of :mod:`attnlens.models` that sees video uses
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .base import CallLayout
+from .base import CallLayout, pipeline_scale
 
 __all__ = [
+    "VideoTokens",
     "batched_cfg_rows",
     "grid_from_coords",
     "timestep_value",
@@ -89,6 +90,33 @@ def timestep_value(timestep: Any) -> float:
     if t.ndim >= 2:
         return float(t[0].max().item())
     return float(t.flatten()[0].item())
+
+
+class VideoTokens:
+    """Mixin: :meth:`~attnlens.models.base.ModelAdapter.token_counts` of a video DiT over VAE latents.
+
+    Families name the pipeline attributes of their VAE's scale factors and their usual values.
+    """
+
+    vae_spatial: ClassVar[tuple[str, int]] = ("vae_scale_factor_spatial", 8)
+    vae_temporal: ClassVar[tuple[str, int]] = ("vae_scale_factor_temporal", 4)
+
+    def patch_sizes(self, transformer: Any) -> tuple[int, int]:
+        """``(patch, patch_t)``: latent cells per token side, latent frames per token."""
+        cfg = transformer.config
+        return cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+
+    def token_counts(
+        self, transformer: Any, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
+    ) -> tuple[int, int]:
+        patch, patch_t = self.patch_sizes(transformer)
+        spatial, temporal = (
+            pipeline_scale(pipeline, *self.vae_spatial),
+            pipeline_scale(pipeline, *self.vae_temporal),
+        )
+        return text, video_tokens(
+            frames, height, width, spatial=spatial, temporal=temporal, patch=patch, patch_t=patch_t
+        )
 
 
 class SelfCrossAttention:

@@ -254,12 +254,12 @@ class ModelAdapter:
         """``(text, image)`` tokens of one forward over a ``height × width`` pixel image (``frames``
         frames of video) whose prompt is encoded to ``text`` tokens, as the family's pipelines
         feed it; :func:`attnlens.store.plan` sizes a capture from it. Scale factors come from
-        ``pipeline`` where given, else the family's usual VAE."""
-        from ..errors import UnsupportedModelError
+        ``pipeline`` where given, else the family's usual VAE.
 
-        raise UnsupportedModelError(
-            f"the {self.family} adapter does not know how pixels become tokens: give plan(image_tokens=...)"
-        )
+        The default: 2 × 2 patches of a VAE latent of 8 pixels per cell (FLUX, FLUX.2, Qwen-Image).
+        """
+        side = 2 * pipeline_scale(pipeline, "vae_scale_factor", 8)
+        return text, (height // side) * (width // side)
 
 
 def pipeline_scale(pipeline: Any | None, name: str, default: int) -> int:

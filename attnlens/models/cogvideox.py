@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, video_grid, video_layout, video_tokens
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
+from ._video import BatchedCFG, VideoTokens, video_grid, video_layout
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["CogVideoXAdapter"]
 
 
-class CogVideoXAdapter(BatchedCFG, ModelAdapter):
+class CogVideoXAdapter(BatchedCFG, VideoTokens, ModelAdapter):
     family = "cogvideox"
     transformer_classes = ("CogVideoXTransformer3DModel",)
     attention_functions = ()
@@ -47,17 +47,3 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         hidden, encoder_hidden = output
         return torch.cat([encoder_hidden, hidden], dim=1)
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        cfg = transformer.config
-        return text, video_tokens(
-            frames,
-            height,
-            width,
-            spatial=pipeline_scale(pipeline, "vae_scale_factor_spatial", 8),
-            temporal=pipeline_scale(pipeline, "vae_scale_factor_temporal", 4),
-            patch=cfg.patch_size,
-            patch_t=cfg.patch_size_t or 1,
-        )

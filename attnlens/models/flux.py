@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale, stream_layers
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, stream_layers
 
 __all__ = ["FluxAdapter"]
 
@@ -60,7 +60,9 @@ class FluxAdapter(ModelAdapter):
     def token_counts(
         self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
     ) -> tuple[int, int]:
-        # 2 × 2 patches of the VAE latent; attnlens' embedded ShapesPipeline patches pixels (config.patch)
         side = getattr(getattr(pipeline, "config", None), "patch", None)
-        side = side or 2 * pipeline_scale(pipeline, "vae_scale_factor", 8)
-        return text, (height // side) * (width // side)
+        if side is None:
+            return super().token_counts(
+                transformer, pipeline, height=height, width=width, frames=frames, text=text
+            )
+        return text, (height // side) * (width // side)  # attnlens' embedded ShapesPipeline patches pixels

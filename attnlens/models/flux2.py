@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale, stream_layers
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, stream_layers
 
 __all__ = ["Flux2Adapter"]
 
@@ -68,12 +68,6 @@ class Flux2Adapter(ModelAdapter):
             return None
         # FLUX.2 [dev] holds a Pixtral processor; its tokenizer is what turns ids into tokens
         return encoder, getattr(tokenizer, "tokenizer", tokenizer)
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        side = 2 * pipeline_scale(pipeline, "vae_scale_factor", 8)  # 2 × 2 patches of the latent
-        return text, (height // side) * (width // side)
 
 
 def _grid(img_ids: torch.Tensor | None, n_image: int) -> np.ndarray:

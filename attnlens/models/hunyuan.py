@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import video_grid, video_layout, video_tokens
+from ._video import VideoTokens, video_grid, video_layout
 from .base import (
     AttentionLayer,
     CallLayout,
@@ -29,14 +29,13 @@ from .base import (
     _prompts_for,
     _rows_for,
     forward_arguments,
-    pipeline_scale,
     stream_layers,
 )
 
 __all__ = ["HunyuanVideoAdapter"]
 
 
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(VideoTokens, ModelAdapter):
     family = "hunyuanvideo"
     # the default text_encoder/tokenizer: the Llama tokens enter attention; CLIP (text_encoder_2) gives
     # the pooled vector only
@@ -81,17 +80,3 @@ class HunyuanVideoAdapter(ModelAdapter):
         return [
             label_tokens(tokenizer, row.tolist(), prompt=text) for row, text in zip(rows, texts, strict=True)
         ]
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        cfg = transformer.config
-        return text, video_tokens(
-            frames,
-            height,
-            width,
-            spatial=pipeline_scale(pipeline, "vae_scale_factor_spatial", 8),
-            temporal=pipeline_scale(pipeline, "vae_scale_factor_temporal", 4),
-            patch=cfg.patch_size,
-            patch_t=cfg.patch_size_t,
-        )

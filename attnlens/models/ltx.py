@@ -23,14 +23,16 @@ from typing import Any
 
 from torch import nn
 
-from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, video_grid, video_layout, video_tokens
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
+from ._video import BatchedCFG, SelfCrossAttention, VideoTokens, grid_from_coords, video_grid, video_layout
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["LTXVideoAdapter"]
 
 
-class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
+class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, VideoTokens, ModelAdapter):
     family = "ltx"
+    vae_spatial = ("vae_spatial_compression_ratio", 32)
+    vae_temporal = ("vae_temporal_compression_ratio", 8)
     transformer_classes = ("LTXVideoTransformer3DModel",)
     attention_functions = ("diffusers.models.transformers.transformer_ltx:dispatch_attention_fn",)
 
@@ -58,18 +60,4 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
             grid,
             # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
             text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,
-        )
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        cfg = transformer.config
-        return text, video_tokens(
-            frames,
-            height,
-            width,
-            spatial=pipeline_scale(pipeline, "vae_spatial_compression_ratio", 32),
-            temporal=pipeline_scale(pipeline, "vae_temporal_compression_ratio", 8),
-            patch=cfg.patch_size,
-            patch_t=cfg.patch_size_t,
         )

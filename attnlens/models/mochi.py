@@ -23,14 +23,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, video_grid, video_layout, video_tokens
-from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
+from ._video import BatchedCFG, VideoTokens, video_grid, video_layout
+from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["MochiAdapter"]
 
 
-class MochiAdapter(BatchedCFG, ModelAdapter):
+class MochiAdapter(BatchedCFG, VideoTokens, ModelAdapter):
     family = "mochi"
+    vae_spatial = ("vae_spatial_scale_factor", 8)
+    vae_temporal = ("vae_temporal_scale_factor", 6)
     transformer_classes = ("MochiTransformer3DModel",)
     attention_functions = ()
     intercept_sdpa = True
@@ -77,15 +79,3 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         hidden, encoder_hidden = output
         return torch.cat([hidden, encoder_hidden], dim=1)
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        return text, video_tokens(
-            frames,
-            height,
-            width,
-            spatial=pipeline_scale(pipeline, "vae_spatial_scale_factor", 8),
-            temporal=pipeline_scale(pipeline, "vae_temporal_scale_factor", 6),
-            patch=transformer.config.patch_size,
-        )

@@ -28,7 +28,6 @@ from .base import (
     _prompts_for,
     _rows_for,
     forward_arguments,
-    pipeline_scale,
 )
 
 __all__ = ["QwenImageAdapter"]
@@ -85,12 +84,6 @@ class QwenImageAdapter(ModelAdapter):
             kept = [i for i in row if i != pad][drop:][:n_text]
             labels.append(label_tokens(tokenizer, kept + [pad] * (n_text - len(kept)), prompt=prompt))
         return labels
-
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        side = 2 * pipeline_scale(pipeline, "vae_scale_factor", 8)  # 2 × 2 patches of the latent
-        return text, (height // side) * (width // side)
 
 
 def _grid(img_shapes: Any, n_image: int) -> np.ndarray:

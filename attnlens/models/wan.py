@@ -25,13 +25,13 @@ from typing import Any
 
 from torch import nn
 
-from ._video import SelfCrossAttention, video_grid, video_layout, video_tokens
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, pipeline_scale
+from ._video import SelfCrossAttention, VideoTokens, video_grid, video_layout
+from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
 
 __all__ = ["WanAdapter"]
 
 
-class WanAdapter(SelfCrossAttention, ModelAdapter):
+class WanAdapter(SelfCrossAttention, VideoTokens, ModelAdapter):
     family = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     attention_functions = ("diffusers.models.transformers.transformer_wan:dispatch_attention_fn",)
@@ -62,16 +62,6 @@ class WanAdapter(SelfCrossAttention, ModelAdapter):
         )
         return slice(None) if call == text_call else None
 
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
+    def patch_sizes(self, transformer: nn.Module) -> tuple[int, int]:
         p_t, p_h, _ = transformer.config.patch_size
-        return text, video_tokens(
-            frames,
-            height,
-            width,
-            spatial=pipeline_scale(pipeline, "vae_scale_factor_spatial", 8),
-            temporal=pipeline_scale(pipeline, "vae_scale_factor_temporal", 4),
-            patch=p_h,
-            patch_t=p_t,
-        )
+        return p_h, p_t
