@@ -47,7 +47,7 @@ def _print_frame(frame, title: str) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a store holds: samples, variables and their sizes, layers, steps and tokens."""
     from attnlens.errors import CorruptStoreError, choices
-    from attnlens.store import open_store, stored_bytes, verify_store
+    from attnlens.store import open_store, verify_store
     from attnlens.store.planning import format_bytes
 
     try:
@@ -57,7 +57,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             raise
         console.print(f"[red]damaged:[/] {exc}")
         return _verify(args.store, verify_store, "the store")
-    disk = stored_bytes(args.store)
+    disk = ds.encoding["stored_bytes"]
     attrs = ds.attrs
     console.print(f"[bold]{args.store}[/] — attnlens store, schema version {attrs.get('schema_version')}")
     model = attrs.get("model_id") or attrs.get("model_class", "?")
@@ -103,11 +103,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     steps = Table(title="steps")
     for column in ("step", "denoise step", "timestep", "branch"):
         steps.add_column(column)
-    for i in range(ds.sizes["step"]):
-        one = ds.isel(step=i)
-        steps.add_row(
-            str(int(one.step)), str(int(one.denoise_step)), f"{float(one.timestep):g}", str(one.branch.values)
-        )
+    for row in zip(
+        *(ds[c].values.tolist() for c in ("step", "denoise_step", "timestep", "branch")), strict=True
+    ):
+        steps.add_row(str(row[0]), str(row[1]), f"{row[2]:g}", str(row[3]))
     console.print(steps)
 
     if ids:

@@ -95,17 +95,17 @@ class _CheckedStore(WrapperStore):
         return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
 
     def _id(self, slot: int) -> str:
-        record = self.records.complete.get(slot)
-        return record.id if record is not None else str(slot)
+        pos = self.records.find(slot)
+        return self.records.ids[pos] if pos is not None else str(slot)
 
     async def _sample_chunks(self, slot: int) -> dict[str, list[int]]:
         with self._lock:
             found = self._chunks.get(slot)
         if found is None:
-            record = self.records.complete.get(slot)
-            if record is None:
+            pos = self.records.find(slot)
+            if pos is None:
                 raise CorruptStoreError(f"{self.url}: slot {slot} holds no complete sample")
-            found = (await read_record(self._store, record.name, self.url))["chunks"]
+            found = (await read_record(self._store, self.records.names[pos], self.url))["chunks"]
             with self._lock:
                 self._chunks[slot] = found
         return found
@@ -231,8 +231,8 @@ def open_store(location: StoreLike, *, storage_options: dict[str, Any] | None = 
     mark = attrs[MARK]
     records = load_records(store, url)
     arrays = open_arrays(_CheckedStore(store, url, records, mark), url, mark)
-    slots = np.array(sorted(records.complete), dtype=np.int64)
-    ids = np.array([records.complete[s].id for s in slots], dtype=object)
+    slots = records.slots
+    ids = np.array(records.ids, dtype=object)
     data_vars: dict[str, Any] = {}
     coords: dict[str, Any] = {}
     for name, arr in sorted(arrays.items()):
@@ -246,13 +246,14 @@ def open_store(location: StoreLike, *, storage_options: dict[str, Any] | None = 
     coords["sample"] = slots
     coords["sample_id"] = ("sample", ids)
     out_attrs = {**attrs.get("capture", {}), "schema_version": mark["schema_version"]}
-    out_attrs["prompts"] = [records.complete[s].prompt for s in slots]
+    out_attrs["prompts"] = records.prompts
     ds = xr.Dataset(data_vars, coords=coords, attrs=out_attrs)
     ds.encoding["source"] = url
     # complete or not; declared stores hold one slot per sample id
-    ds.encoding["sample_slots"] = mark.get("slots") or records.slots
-    ds.encoding["damaged"] = {records.complete.get(s, s): m for s, m in records.damaged.items()}
+    ds.encoding["sample_slots"] = mark.get("slots") or records.extent
+    ds.encoding["damaged"] = dict(records.damaged)  # slot: what is wrong
     ds.encoding["in_progress"] = sorted(records.leased)
+    ds.encoding["stored_bytes"] = _stored(mark, records)  # what stored_bytes() says, without reading again
     return ds
 
 
@@ -270,13 +271,16 @@ def stored_bytes(location: StoreLike, *, storage_options: dict[str, Any] | None 
     16
     """
     store, url, attrs = _open(location, storage_options)
-    mark = attrs[MARK]
+    return _stored(attrs[MARK], load_records(store, url))
+
+
+def _stored(mark: dict[str, Any], records: Records) -> dict[str, int]:
+    """Bytes of each array's chunks: the coordinates written once, and every complete sample's."""
     out = dict.fromkeys(sorted(mark["arrays"]), 0)
     for key, (size, _) in mark.get("layout_chunks", {}).items():
         out[key.rsplit("/", 1)[0]] += size
-    for record in load_records(store, url).complete.values():
-        for name, size in record.nbytes.items():
-            out[name] = out.get(name, 0) + size
+    for name, sizes in records.nbytes.items():
+        out[name] = out.get(name, 0) + int(sizes.sum())
     return out
 
 
@@ -312,11 +316,11 @@ def verify_store(location: StoreLike, *, storage_options: dict[str, Any] | None 
     problems += sync(
         _check_chunks(store, url, {k: tuple(v) for k, v in mark.get("layout_chunks", {}).items()}, "layout")
     )
-    for slot, record in sorted(records.complete.items()):
+    for slot, name, sample_id in zip(records.slots.tolist(), records.names, records.ids, strict=True):
         try:
-            body = sync(read_record(store, record.name, url))
+            body = sync(read_record(store, name, url))
         except CorruptStoreError as exc:
-            problems.append(f"sample {record.id!r}: {str(exc).removeprefix(f'{url}: ')}")
+            problems.append(f"sample {sample_id!r}: {str(exc).removeprefix(f'{url}: ')}")
             continue
         chunks = {k: tuple(v) for k, v in body["chunks"].items()}
         for name, arr in arrays.items():
@@ -324,9 +328,9 @@ def verify_store(location: StoreLike, *, storage_options: dict[str, Any] | None 
                 unrecorded = [k for k in _slot_keys(arr, slot) if k not in chunks]
                 if unrecorded:
                     problems.append(
-                        f"{name}, sample {record.id!r}: chunk(s) {choices(unrecorded, 4)} were never recorded"
+                        f"{name}, sample {sample_id!r}: chunk(s) {choices(unrecorded, 4)} were never recorded"
                     )
-        problems += sync(_check_chunks(store, url, chunks, f"sample {record.id!r}"))
+        problems += sync(_check_chunks(store, url, chunks, f"sample {sample_id!r}"))
     return problems
 
 

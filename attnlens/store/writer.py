@@ -415,8 +415,7 @@ class StoreWriter:
         """Ids of the samples the store holds complete, read afresh (other writers may add some)."""
         if read_root(self.store, self.url, for_writing=True) is None:
             return []
-        records = load_records(self.store, self.url)
-        return [records.complete[s].id for s in sorted(records.complete)]
+        return load_records(self.store, self.url).ids
 
     def pending(self, ids: Sequence[str] | None = None) -> list[str]:
         """``ids`` (default: the declared sample ids) that the store does not hold complete, in order."""
