@@ -19,6 +19,7 @@ from .models.registry import supported_models
 from .session import Capture, capture
 from .store import open_store
 from .text import TokenLabels, label_tokens
+from .viz.explorer import explore
 
 __all__ = [
     "AttnlensError",
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "analysis",
     "capture",
+    "explore",
     "label_tokens",
     "open_store",
     "redirect",

@@ -145,7 +145,7 @@ def test_sink_tables_name_the_token_layers_and_steps(planted):
     table = sinks_by_layer(sinks, planted).set_index("layer")
     for i in range(24):
         row = table.loc[f"block.{i}"]
-        assert row.gas == (f"<pad>@{SINK} (100%)" if i in SINK_LAYERS else "")
+        assert row.gas == ("<pad> (100%)" if i in SINK_LAYERS else "")
         assert row.top_kind == ("pad" if i in SINK_LAYERS else "image")
     assert table.loc["block.5", "high_norm"] == 1.0 and table.loc["block.12", "massive"] == 1.0
     assert sink_tokens(find_sinks(synthetic.planted(layers=2, heads=1, steps=1, grid=(2, 2)))).empty
@@ -601,7 +601,7 @@ def test_sinks_command_on_a_store(planted, tmp_path, capsys, monkeypatch):
     assert len(lines) == 24
     for line in lines:
         layer = int(line.split("block.")[1].split()[0])
-        assert (f"<pad>@{SINK}" in line) == (layer in SINK_LAYERS)
+        assert ("<pad> (100%)" in line) == (layer in SINK_LAYERS)
     assert "query independence measured from: full" in printed
     html = figure.read_text()
     assert "plotly" in html and "sink ratio" in html
