@@ -16,6 +16,7 @@ __all__ = [
     "EmptySpecError",
     "HeadIndexError",
     "HookError",
+    "InputError",
     "LayoutError",
     "MissingVariableError",
     "NotAStoreError",
@@ -100,6 +101,10 @@ class StoreFullError(StoreError, OSError):
 
     def __str__(self) -> str:  # OSError would prefix "[Errno 28]" to the message
         return str(self.strerror if self.strerror is not None else self.args[0])
+
+
+class InputError(AttnlensError, ValueError):
+    """A file, folder or value given on the command line is missing, unreadable or of the wrong kind."""
 
 
 def choices(values: Iterable[object], limit: int = 12) -> str:

@@ -137,9 +137,9 @@ def test_sink_ratio_bars_follow_the_sample_tokens_and_mark_its_sink(two_prompts)
         tokens = ds.token_str.values[sample]
         expected = ds.key_mass.isel(sample=sample, step=0, layer=1, head=0).values[:TEXT] * ds.sizes["key"]
         order = ex.figure.layout.xaxis2.categoryarray
-        assert [label.split(": ")[1].split(" ◆")[0] for label in order] == list(tokens)
+        assert [label.split(": ")[1].split(" [")[0] for label in order] == list(tokens)
         np.testing.assert_allclose([bars[label] for label in order], expected, rtol=1e-5)
-        assert order[eos] == f"{eos}: </s> ◆GAS+magnet"  # planted for every query: image ones too
+        assert order[eos] == f"{eos}: </s> [GAS+magnet]"  # planted for every query: image ones too
         threshold = next(t for t in ex.figure.data if t.name == "GAS threshold r = 10")
         assert list(threshold.y) == [10.0, 10.0]
     grid = np.full(GRID, np.nan)

@@ -18,7 +18,7 @@ static PNG kept beside the widget names what it shows.
 >>> ex.controls["layer"].value = "block.1"
 >>> pad = next(t for t in ex.figure.data if t.name == "pad")  # bars of the padding tokens
 >>> list(pad.x[:2]), round(max(pad.y), 1)
-(['7: <pad>', '8: <pad> ◆GAS+magnet'], 16.8)
+(['7: <pad>', '8: <pad> [GAS+magnet]'], 16.8)
 """
 
 from __future__ import annotations
@@ -170,9 +170,16 @@ class Explorer:
             horizontal_spacing=0.09,
         )
         self.figure = go.FigureWidget(sub)
-        self.figure.add_trace(map_heatmap(np.zeros((1, 1)), colorbar_title="", colorbar_x=0.26), row=1, col=1)
-        self.figure.update_yaxes(autorange="reversed", scaleanchor="x", row=1, col=1)
-        self.figure.update_layout(height=480, barmode="group", legend={"orientation": "h", "y": -0.35})
+        domain = tuple(sub.layout.xaxis.domain)
+        self.figure.add_trace(map_heatmap(np.zeros((1, 1)), colorbar_title="", under=domain), row=1, col=1)
+        self.figure.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", row=1, col=1)
+        self.figure.update_xaxes(constrain="domain", row=1, col=1)
+        self.figure.update_layout(
+            height=560,
+            barmode="group",
+            legend={"orientation": "h", "x": 0, "y": 1.1, "yanchor": "bottom"},
+            margin={"t": 120, "b": 150},
+        )
         self._bars: list[int] = []
         if self.refam is not None:
             self._add_refam(col=3)
@@ -393,7 +400,7 @@ class Explorer:
             self._bars = list(range(first, first + len(traces)))
             self.figure.update_yaxes(title_text=bar_unit, row=1, col=2)
             self.figure.update_xaxes(tickangle=-50, categoryorder="array", categoryarray=labels, row=1, col=2)
-            self.figure.layout.title = {"text": title, "font": {"size": 13}}
+            self.figure.layout.title = {"text": title, "font": {"size": 13}, "y": 0.98, "yanchor": "top"}
 
     def _add_refam(self, col: int) -> None:
         r = self.refam
@@ -408,7 +415,9 @@ class Explorer:
                 z=r.mask.astype(float),
                 showscale=False,
                 contours={"start": 0.5, "end": 0.5, "coloring": "lines"},
-                line={"width": 2, "color": "cyan"},
+                colorscale=[[0, "cyan"], [1, "cyan"]],
+                line={"width": 2},
+                showlegend=True,
                 name="RefAM mask",
                 hoverinfo="skip",
             ),
@@ -432,4 +441,7 @@ class Explorer:
             row=1,
             col=col,
         )
-        self.figure.update_yaxes(autorange="reversed", scaleanchor=f"x{col}", row=1, col=col)
+        self.figure.update_yaxes(
+            autorange="reversed", scaleanchor=f"x{col}", constrain="domain", row=1, col=col
+        )
+        self.figure.update_xaxes(constrain="domain", row=1, col=col)

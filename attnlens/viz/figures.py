@@ -97,8 +97,8 @@ def sink_figure(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "t
     fig = make_subplots(
         rows=2,
         cols=1,
-        row_heights=[0.72, 0.28],
-        vertical_spacing=0.22,
+        row_heights=[0.7, 0.3],
+        vertical_spacing=0.3,  # room for the slanted token names between the two panels
         subplot_titles=(
             f"sink ratio per layer and token, mean over heads, samples and steps (tokens grouped by {by})",
             "share of all attention taken by the layer's global attention sinks",
@@ -152,9 +152,9 @@ def sink_figure(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "t
     fig.update_layout(
         title=f"attention sinks over {source.sizes.get('sample', 1)} sample(s) × "
         f"{source.sizes.get('step', 1)} step(s)",
-        height=560 + 14 * len(layers),
-        legend={"orientation": "h", "y": 1.06, "x": 1, "xanchor": "right"},
-        margin={"t": 110},
+        height=640 + 14 * len(layers),
+        legend={"orientation": "h", "y": -0.14, "x": 0},
+        margin={"t": 90, "b": 90},
     )
     return fig
 
@@ -176,10 +176,10 @@ def token_bars(
 
     >>> traces, labels = token_bars([0.5, 0.2], ["a", "cat"], ["stop", "content"], marks={0: "magnet"})
     >>> [t.name for t in traces], labels
-    (['stop', 'content'], ['0: a ◆magnet', '1: cat'])
+    (['stop', 'content'], ['0: a [magnet]', '1: cat'])
     """
     marks = marks or {}
-    labels = [f"{i}: {t}" + (f" ◆{marks[i]}" if i in marks else "") for i, t in enumerate(tokens)]
+    labels = [f"{i}: {t}" + (f" [{marks[i]}]" if i in marks else "") for i, t in enumerate(tokens)]
     traces = []
     for kind in dict.fromkeys(kinds):
         at = [i for i, k in enumerate(kinds) if k == kind]
@@ -195,12 +195,30 @@ def token_bars(
     return traces, labels
 
 
-def map_heatmap(values: np.ndarray, *, colorbar_title: str, colorbar_x: float | None = None) -> go.Heatmap:
-    """A ``(y, x)`` map on the token grid as a heatmap whose colour bar names its unit."""
+def map_heatmap(
+    values: np.ndarray, *, colorbar_title: str, under: tuple[float, float] | None = None
+) -> go.Heatmap:
+    """A ``(y, x)`` map on the token grid as a heatmap whose colour bar names its unit.
+
+    ``under``: the subplot's horizontal domain, to lay the colour bar flat under it (out of the
+    way of a neighbouring subplot) rather than upright at the figure's right edge.
+    """
+    colorbar: dict = {"title": {"text": colorbar_title, "side": "right"}}
+    if under is not None:
+        colorbar = {
+            "title": {"text": colorbar_title, "side": "top"},
+            "orientation": "h",
+            "x": (under[0] + under[1]) / 2,
+            "xanchor": "center",
+            "len": under[1] - under[0],
+            "y": -0.18,
+            "yanchor": "top",
+            "thickness": 12,
+        }
     return go.Heatmap(
         z=np.asarray(values),
         colorscale="Magma",
-        colorbar={"title": {"text": colorbar_title, "side": "right"}, "x": colorbar_x},
+        colorbar=colorbar,
         hovertemplate="token y %{y}, x %{x}<br>%{z:.4f}<extra></extra>",
     )
 
@@ -218,6 +236,8 @@ def static_images(enable: bool = True) -> bool:
     if not enable:
         pio.renderers.default = "plotly_mimetype"
         return False
+    # plotly passes its own browser options, which a running server ignores, with a warning each time
+    warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
     try:
         import kaleido
 
@@ -226,6 +246,5 @@ def static_images(enable: bool = True) -> bool:
     except Exception:  # no kaleido, or no browser for it: interactive figures only
         pio.renderers.default = "plotly_mimetype"
         return False
-    warnings.filterwarnings("ignore", message="The kopts argument is ignored", category=UserWarning)
     pio.renderers.default = "plotly_mimetype+png"
     return True

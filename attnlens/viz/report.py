@@ -6,8 +6,8 @@ mailed, and keeps no link to the store it was made from.
 >>> import pandas as pd
 >>> report = Report("attnlens demo")
 >>> report.heading("Segmentation")
->>> report.table(pd.DataFrame({"method": ["RefAM"], "mIoU": [0.5]}))
->>> "<table" in report.html()
+>>> report.table(pd.DataFrame({"method": ["RefAM"], "mIoU": [0.5]}), notes={"mIoU": "mean IoU"})
+>>> "<table" in report.html() and "<dt>mIoU</dt><dd>mean IoU</dd>" in report.html()
 True
 """
 
@@ -28,11 +28,17 @@ __all__ = ["Report", "markdown_table"]
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto;
        padding: 0 1rem; color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: right; }
+.wide { max-width: 100%; overflow-x: auto; margin: 0.5rem 0 0.5rem; }
+table { border-collapse: collapse; font-size: 0.9rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: right; vertical-align: top; }
 th:first-child, td:first-child { text-align: left; }
-figure { display: inline-block; margin: 0.3rem; text-align: center; font-size: 0.8rem; }
-figure img { image-rendering: pixelated; border: 1px solid #ccc; }
+td.text { text-align: left; max-width: 28rem; }
+dl.columns { font-size: 0.85rem; color: #444; margin: 0 0 1.5rem; display: grid;
+             grid-template-columns: max-content 1fr; gap: 0.15rem 1rem; }
+dl.columns dt { font-family: ui-monospace, monospace; } dl.columns dd { margin: 0; }
+table.gallery td { text-align: center; font-size: 0.8rem; }
+table.gallery td:first-child { text-align: left; max-width: 14rem; }
+img.px { image-rendering: pixelated; border: 1px solid #ccc; }
 .note { color: #555; }
 """
 
@@ -52,10 +58,30 @@ class Report:
         css = ' class="note"' if note else ""
         self._parts.append(f"<p{css}>{html.escape(paragraph)}</p>")
 
-    def table(self, frame: pd.DataFrame, floats: str = "{:.3f}") -> None:
-        self._parts.append(
-            frame.to_html(index=False, border=0, float_format=floats.format, na_rep="—", escape=True)
+    def table(self, frame: pd.DataFrame, floats: str = "{:.3f}", notes: dict[str, str] | None = None) -> None:
+        """A table that scrolls sideways on narrow screens, followed by what its ``notes`` columns mean."""
+        table = frame.to_html(
+            index=False,
+            border=0,
+            float_format=floats.format,
+            na_rep="—",
+            escape=True,
+            table_id=f"t{len(self._parts)}",
         )
+        # words read from the left, numbers line up on the right
+        text = [i + 1 for i, c in enumerate(frame.columns) if frame[c].dtype.kind not in "biufc"]
+        cells = ", ".join(
+            f"#t{len(self._parts)} td:nth-child({i}), #t{len(self._parts)} th:nth-child({i})" for i in text
+        )
+        style = f"<style>{cells} {{ text-align: left; }}</style>" if text else ""
+        self._parts.append(f'{style}<div class="wide">{table}</div>')
+        if notes:
+            items = "".join(
+                f"<dt>{html.escape(str(c))}</dt><dd>{html.escape(notes[c])}</dd>"
+                for c in frame.columns
+                if c in notes
+            )
+            self._parts.append(f'<dl class="columns">{items}</dl>')
 
     def figure(self, fig: Any) -> None:
         """A plotly figure; plotly.js is embedded with the first one."""
@@ -63,13 +89,29 @@ class Report:
         self._plotly_embedded = True
 
     def images(self, images: list[tuple[np.ndarray, str]], width: int = 128) -> None:
-        """A row of ``(H, W[, 3])`` images (uint8, or float in ``[0, 1]``) with captions."""
-        cells = [
-            f'<figure><img width="{width}" src="data:image/png;base64,{_png(a)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            for a, caption in images
-        ]
-        self._parts.append("<div>" + "".join(cells) + "</div>")
+        """One row of ``(H, W[, 3])`` images (uint8, or float in ``[0, 1]``), each under its caption."""
+        self.gallery([caption for _, caption in images], [(None, [a for a, _ in images])], width=width)
+
+    def gallery(
+        self, columns: list[str], rows: list[tuple[str | None, list[np.ndarray]]], width: int = 96
+    ) -> None:
+        """A table of images, aligned: one row per ``(caption, images)``, one named column per image.
+
+        Rows whose caption is ``None`` have no caption cell (when none has one).
+        """
+        captioned = any(caption is not None for caption, _ in rows)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ([""] if captioned else []) + columns)
+        body = []
+        for caption, images in rows:
+            cells = [f"<td>{html.escape(caption or '')}</td>"] if captioned else []
+            cells += [
+                f'<td><img class="px" width="{width}" src="data:image/png;base64,{_png(a)}"></td>'
+                for a in images
+            ]
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        self._parts.append(
+            f'<div class="wide"><table class="gallery"><tr>{head}</tr>{"".join(body)}</table></div>'
+        )
 
     def html(self) -> str:
         title = html.escape(self.title)
