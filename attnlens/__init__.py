@@ -19,7 +19,6 @@ from .models.registry import supported_models
 from .session import Capture, capture
 from .store import open_store
 from .text import TokenLabels, label_tokens
-from .viz.explorer import explore
 
 __all__ = [
     "AttnlensError",
@@ -37,3 +36,12 @@ __all__ = [
     "supported_models",
     "suppress",
 ]
+
+
+def __getattr__(name: str):
+    # the explorer brings plotly (and, when called, ipywidgets): import them only for it
+    if name == "explore":
+        from .viz.explorer import explore
+
+        return explore
+    raise AttributeError(f"module 'attnlens' has no attribute {name!r}")

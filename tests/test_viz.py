@@ -8,9 +8,11 @@ import xarray as xr
 
 import attnlens
 from attnlens.analysis import (
+    find_magnets,
     find_sinks,
     gas_by_token,
     key_groups,
+    magnet_words,
     ratio_by_token,
     sinks_by_layer,
     synthetic,
@@ -60,6 +62,17 @@ def test_ratio_by_token_averages_each_token_over_its_own_occurrences(two_prompts
     assert str(r.group_kind.sel(group="</s>").values) == "special"
     by_kind = ratio_by_token(sinks, two_prompts, by="kind")
     assert set(by_kind.group.values) == {"stop", "content", "special", "pad", "image"}
+
+
+def test_magnets_are_named_by_their_own_sample_token():
+    labels = [synthetic.prompt_labels(p, TEXT) for p in PROMPTS]
+    seq = TEXT + GRID[0] * GRID[1]
+    probs = synthetic.random_attention((2, 1, 2, 1), seq, seed=2)
+    # "the" (position 0 of the second prompt) draws image queries; position 0 of the first is "a"
+    synthetic.scale_keys(probs, [0], 6.0, samples=[1], queries=range(TEXT, seq))
+    ds = synthetic.from_probabilities(probs, labels, grid=GRID)
+    words = magnet_words(find_magnets(ds))
+    assert words[["word", "kind", "frequency"]].values.tolist() == [["the", "stop", 1.0]]
 
 
 def test_grouping_by_position_is_refused_when_prompts_differ(two_prompts):
@@ -164,3 +177,24 @@ def test_explore_reads_a_store_lazily_and_rejects_what_it_cannot_show(two_prompt
         attnlens.explore(3)
     with pytest.raises(MissingVariableError, match="needs the image and the model"):
         attnlens.explore(two_prompts, "the red mug")
+
+
+def test_explorer_with_an_expression_shows_refam_heatmap_points_and_mask(two_prompts):
+    from attnlens.testing import tiny_shapes_pipeline
+
+    image = np.zeros((40, 50, 3), dtype=np.uint8)
+    ex = attnlens.explore(two_prompts, "the red circle", image=image, model=tiny_shapes_pipeline())
+    panel = {t.name: t for t in ex.figure.data if t.name and t.name.startswith("RefAM")}
+    assert set(panel) == {"RefAM heatmap", "RefAM mask", "RefAM points"}
+    np.testing.assert_array_equal(panel["RefAM heatmap"].z, ex.refam.heatmap)  # (H, W) at the image size
+    np.testing.assert_array_equal(panel["RefAM mask"].z, ex.refam.mask.astype(float))
+    assert list(panel["RefAM points"].x) == list(ex.refam.points[ex.refam.point_labels == 1, 0])
+    assert ex.figure.layout.annotations[2].text == "RefAM: 'the red circle'"
+
+
+def test_explorer_displays_as_a_widget(two_prompts):
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype"  # no static PNG asked for
+    bundle = attnlens.explore(two_prompts)._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "image/png" not in bundle

@@ -106,7 +106,6 @@ class Explorer:
         **refam_options: Any,
     ) -> None:
         import ipywidgets as widgets
-        from plotly.subplots import make_subplots
 
         have = [k for k, (var, *_) in KINDS.items() if var in ds]
         if not have:
@@ -131,55 +130,9 @@ class Explorer:
             self.refam = refam.segment(image, expression, model=model, **refam_options)
             self._image = np.asarray(image)
 
-        ids = ds["sample_id"].values if "sample_id" in ds.coords else ds["sample"].values
-        steps = [(f"mean of {ds.sizes['step']} steps", MEAN)] if ds.sizes.get("step", 1) > 1 else []
-        for i in range(ds.sizes.get("step", 1)):
-            t = (
-                f" (t = {float(ds.timestep.values[i]):g}, {ds.branch.values[i]})"
-                if "timestep" in ds.coords
-                else ""
-            )
-            steps.append((f"{i}{t}", i))
-        layers = [(f"mean of all {ds.sizes['layer']} layers", "*")]
-        if "layer_kind" in ds.coords:
-            kinds = [str(k) for k in ds.layer_kind.values]
-            layers += [(f"mean of {kinds.count(k)} {k} layers", f"{k}.*") for k in dict.fromkeys(kinds)]
-        layers += [(str(n), str(n)) for n in ds.layer.values]
-        heads = [str(h) for h in ds["head"].values]
-        heads = ([(f"mean of {len(heads)} heads", MEAN)] if len(heads) > 1 else []) + [(h, h) for h in heads]
-        self.controls = {
-            "sample": widgets.Dropdown(
-                options=[(str(s), i) for i, s in enumerate(ids)], description="sample"
-            ),
-            "step": widgets.Dropdown(options=steps, description="step"),
-            "layer": widgets.Dropdown(options=layers, description="layer"),
-            "head": widgets.Dropdown(options=heads, description="head"),
-            "word": widgets.Dropdown(description="word"),
-            "kind": widgets.ToggleButtons(options=have, description="map"),
-        }
+        self.controls = _controls(ds, have)
         self._set_words()
-        cols = 3 if self.refam is not None else 2
-        titles = ["map on the image token grid", "over this sample's text tokens"]
-        if self.refam is not None:
-            titles.append(f"RefAM: {expression!r}")
-        sub = make_subplots(
-            rows=1,
-            cols=cols,
-            column_widths=[0.32, 0.68] if cols == 2 else [0.26, 0.48, 0.26],
-            subplot_titles=titles,
-            horizontal_spacing=0.09,
-        )
-        self.figure = go.FigureWidget(sub)
-        domain = tuple(sub.layout.xaxis.domain)
-        self.figure.add_trace(map_heatmap(np.zeros((1, 1)), colorbar_title="", under=domain), row=1, col=1)
-        self.figure.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", row=1, col=1)
-        self.figure.update_xaxes(constrain="domain", row=1, col=1)
-        self.figure.update_layout(
-            height=560,
-            barmode="group",
-            legend={"orientation": "h", "x": 0, "y": 1.1, "yanchor": "bottom"},
-            margin={"t": 120, "b": 150},
-        )
+        self.figure = self._empty_figure(expression)
         self._bars: list[int] = []
         if self.refam is not None:
             self._add_refam(col=3)
@@ -194,6 +147,34 @@ class Explorer:
             ]
         )
         self.update()
+
+    def _empty_figure(self, expression: str | None):
+        """The ``FigureWidget``: map, token bars, and the RefAM panel's column when there is one."""
+        from plotly.subplots import make_subplots
+
+        cols = 3 if self.refam is not None else 2
+        titles = ["map on the image token grid", "over this sample's text tokens"]
+        if self.refam is not None:
+            titles.append(f"RefAM: {expression!r}")
+        sub = make_subplots(
+            rows=1,
+            cols=cols,
+            column_widths=[0.32, 0.68] if cols == 2 else [0.26, 0.48, 0.26],
+            subplot_titles=titles,
+            horizontal_spacing=0.09,
+        )
+        figure = go.FigureWidget(sub)
+        domain = tuple(sub.layout.xaxis.domain)
+        figure.add_trace(map_heatmap(np.zeros((1, 1)), colorbar_title="", under=domain), row=1, col=1)
+        figure.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", row=1, col=1)
+        figure.update_xaxes(constrain="domain", row=1, col=1)
+        figure.update_layout(
+            height=560,
+            barmode="group",
+            legend={"orientation": "h", "x": 0, "y": 1.1, "yanchor": "bottom"},
+            margin={"t": 120, "b": 150},
+        )
+        return figure
 
     # -- display ---------------------------------------------------------------------------------
 
@@ -445,3 +426,33 @@ class Explorer:
             autorange="reversed", scaleanchor=f"x{col}", constrain="domain", row=1, col=col
         )
         self.figure.update_xaxes(constrain="domain", row=1, col=col)
+
+
+def _controls(ds: xr.Dataset, kinds: list[str]) -> dict[str, Any]:
+    """The explorer's ipywidgets, labelled with what each choice is (timesteps, group sizes)."""
+    import ipywidgets as widgets
+
+    ids = ds["sample_id"].values if "sample_id" in ds.coords else ds["sample"].values
+    steps = [(f"mean of {ds.sizes['step']} steps", MEAN)] if ds.sizes.get("step", 1) > 1 else []
+    for i in range(ds.sizes.get("step", 1)):
+        t = (
+            f" (t = {float(ds.timestep.values[i]):g}, {ds.branch.values[i]})"
+            if "timestep" in ds.coords
+            else ""
+        )
+        steps.append((f"{i}{t}", i))
+    layers = [(f"mean of all {ds.sizes['layer']} layers", "*")]
+    if "layer_kind" in ds.coords:
+        of = [str(k) for k in ds.layer_kind.values]
+        layers += [(f"mean of {of.count(k)} {k} layers", f"{k}.*") for k in dict.fromkeys(of)]
+    layers += [(str(n), str(n)) for n in ds.layer.values]
+    heads = [str(h) for h in ds["head"].values]
+    heads = ([(f"mean of {len(heads)} heads", MEAN)] if len(heads) > 1 else []) + [(h, h) for h in heads]
+    return {
+        "sample": widgets.Dropdown(options=[(str(s), i) for i, s in enumerate(ids)], description="sample"),
+        "step": widgets.Dropdown(options=steps, description="step"),
+        "layer": widgets.Dropdown(options=layers, description="layer"),
+        "head": widgets.Dropdown(options=heads, description="head"),
+        "word": widgets.Dropdown(description="word"),
+        "kind": widgets.ToggleButtons(options=kinds, description="map"),
+    }
