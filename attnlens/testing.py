@@ -613,3 +613,202 @@ def tiny_sam2(side: int = 64, *, video: bool = False, seed: int = 0) -> tuple[An
     with torch.no_grad():
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(1.0)
     return model, processor
+
+
+# -- benchmark folders in the real formats: written from arrays, or from Debian's labelme photographs -------
+
+
+def write_refer_folder(
+    root: Any,
+    images: dict[str, Any],
+    refs: list[dict[str, Any]],
+    *,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+) -> Any:
+    """Write a RefCOCO-family folder in the ``refer`` toolkit's layout; returns ``root``.
+
+    Args:
+        root: the folder (created).
+        images: COCO ``file_name`` → ``(H, W, 3)`` uint8 array or the path of an image file.
+        refs: one dict per referred object: ``file_name``, ``segmentation`` (COCO polygons or
+            RLE), ``sentences`` (strings) and ``split``; optionally ``category_id``.
+    """
+    import json
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    folder, image_dir = root / dataset, root / "images" / "mscoco" / "images" / "train2014"
+    folder.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (name, image) in enumerate(images.items()):
+        if isinstance(image, np.ndarray):
+            Image.fromarray(image).save(image_dir / name)
+        else:
+            shutil.copyfile(image, image_dir / name)
+        with Image.open(image_dir / name) as im:
+            entries.append({"id": i, "file_name": name, "height": im.height, "width": im.width})
+    ids = {e["file_name"]: e["id"] for e in entries}
+    annotations, pickled, sent_id = [], [], 0
+    for ref_id, ref in enumerate(refs):
+        annotations.append(
+            {"id": 100 + ref_id, "image_id": ids[ref["file_name"]], "segmentation": ref["segmentation"],
+             "category_id": ref.get("category_id", 1), "iscrowd": 0}
+        )  # fmt: skip
+        sentences = []
+        for text in ref["sentences"]:
+            sentences.append({"sent": text, "raw": text, "tokens": text.split(), "sent_id": sent_id})
+            sent_id += 1
+        pickled.append(
+            {"ref_id": ref_id, "ann_id": 100 + ref_id, "image_id": ids[ref["file_name"]],
+             "split": ref["split"], "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences],
+             "category_id": ref.get("category_id", 1), "file_name": ref["file_name"]}
+        )  # fmt: skip
+    instances = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / f"refs({split_by}).p").write_bytes(pickle.dumps(pickled, protocol=2))
+    return root
+
+
+def write_davis_folder(
+    root: Any,
+    videos: dict[str, tuple[Any, Any]],
+    expressions: list[tuple[str, int, str]],
+    *,
+    split: str = "val",
+) -> Any:
+    """Write a Ref-DAVIS17 folder (DAVIS 2017 layout, palette PNG annotations); returns ``root``.
+
+    Args:
+        root: the folder (created).
+        videos: name → ``(frames (T, H, W, 3) uint8, object ids (T, H, W) uint8)``.
+        expressions: ``(video, object id, expression)``, written to all four expression files
+            (annotator 2's in Latin-1, as the release has them).
+        split: the DAVIS split the videos are listed in.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 128] * 252
+    for name, (frames, ids) in videos.items():
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        for t, (frame, objects) in enumerate(zip(frames, ids, strict=True)):
+            Image.fromarray(frame).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=95)
+            png = Image.fromarray(np.asarray(objects, dtype=np.uint8), mode="P")
+            png.putpalette(palette)
+            png.save(root / "Annotations" / "480p" / name / f"{t:05d}.png")
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / f"{split}.txt").write_text("".join(f"{v}\n" for v in videos))
+    text = root / "davis_text_annotations"
+    text.mkdir(exist_ok=True)
+    lines = "".join(f'{video} {obj} "{e}"\n' for video, obj, e in expressions)
+    for name, encoding in (("annot1", "utf-8"), ("annot2", "latin-1")):
+        for suffix in ("", "_full_video"):
+            (text / f"Davis17_{name}{suffix}.txt").write_text(lines, encoding=encoding)
+    return root
+
+
+def labelme_examples(cache: Any = None) -> Any:
+    """The examples folder of Debian's ``labelme-examples`` package, fetched once into a cache.
+
+    The package ships PASCAL VOC photographs with instance polygons in COCO format and a 5-frame
+    street video with per-frame polygons. It is fetched with ``apt-get download`` and unpacked with
+    ``dpkg -x`` into ``cache`` (default ``~/.cache/attnlens/labelme-examples``).
+
+    Raises:
+        RuntimeError: apt or dpkg is missing, or the package could not be fetched (the reason).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cache = Path(cache or Path.home() / ".cache" / "attnlens" / "labelme-examples")
+    examples = cache / "usr" / "share" / "doc" / "labelme-examples" / "examples"
+    if (examples / "instance_segmentation").exists():
+        return examples
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed: Debian's labelme-examples cannot be fetched here")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(
+            ["apt-get", "download", "labelme-examples"], cwd=tmp, capture_output=True, text=True, timeout=300
+        )
+        debs = list(Path(tmp).glob("labelme-examples_*.deb"))
+        if got.returncode or not debs:
+            raise RuntimeError(
+                f"apt-get download labelme-examples failed: {(got.stderr or got.stdout).strip()[-300:]}"
+            )
+        partial = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(partial)], check=True, timeout=300)
+        shutil.rmtree(cache, ignore_errors=True)
+        partial.rename(cache)  # whole or not at all: an interrupted unpack is never taken for the package
+    return examples
+
+
+#: referring expressions written for the objects of labelme-examples' photographs: (COCO annotation id, text)
+LABELME_EXPRESSIONS: dict[str, list[tuple[int, str]]] = {
+    "2011_000003": [
+        (0, "the man in the red jacket"),
+        (1, "the man in green on the right"),
+        (2, "the bottle"),
+    ],
+    "2011_000025": [(3, "the big red bus"), (4, "the green bus on the left"), (5, "the car on the right")],
+    "2011_000006": [(9, "the chair"), (11, "the blue sofa"), (10, "the person at the top right")],
+}
+#: and for the objects of its street video: (object id, text); the truck is drawn as two polygons
+LABELME_VIDEO_EXPRESSIONS = [(1, "the green truck behind the tree"), (2, "the red car on the right")]
+
+
+def labelme_benchmarks(root: Any, examples: Any = None) -> dict[str, Any]:
+    """RefCOCO- and Ref-DAVIS17-format folders of labelme-examples' photographs, with
+    :data:`LABELME_EXPRESSIONS`; returns ``{"refcoco": root/refer, "ref-davis17": root/davis}``.
+
+    RefCOCO's ``val`` holds the nine photograph expressions; Ref-DAVIS17's ``val`` the street video
+    (1000 × 563, 5 frames) with its truck (object 1) and car (object 2).
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    examples = Path(examples or labelme_examples())
+    coco_dir = examples / "instance_segmentation" / "data_dataset_coco"
+    coco = json.loads((coco_dir / "annotations.json").read_text())
+    by_id = {a["id"]: a for a in coco["annotations"]}
+    images = {Path(im["file_name"]).stem: coco_dir / im["file_name"] for im in coco["images"]}
+    refs = [
+        {"file_name": f"{stem}.jpg", "segmentation": by_id[ann]["segmentation"], "sentences": [text],
+         "split": "val", "category_id": by_id[ann]["category_id"]}
+        for stem, objects in LABELME_EXPRESSIONS.items()
+        for ann, text in objects
+    ]  # fmt: skip
+    root = Path(root)
+    refer = write_refer_folder(root / "refer", {f"{s}.jpg": p for s, p in images.items()}, refs)
+    video_dir = examples / "video_annotation" / "data_annotated"
+    frames, ids = [], []
+    for path in sorted(video_dir.glob("*.json")):
+        shapes = json.loads(path.read_text())
+        frame = np.asarray(Image.open(video_dir / shapes["imagePath"]).convert("RGB"))
+        canvas = Image.new("L", (frame.shape[1], frame.shape[0]), 0)
+        for shape in shapes["shapes"]:
+            obj = {"track": 1, "car": 2}[shape["label"]]
+            ImageDraw.Draw(canvas).polygon([tuple(p) for p in shape["points"]], fill=obj)
+        frames.append(frame)
+        ids.append(np.asarray(canvas))
+    expressions = [("street", obj, text) for obj, text in LABELME_VIDEO_EXPRESSIONS]
+    davis = write_davis_folder(root / "davis", {"street": (np.stack(frames), np.stack(ids))}, expressions)
+    return {"refcoco": refer, "ref-davis17": davis}
