@@ -32,6 +32,8 @@ __all__ = [
     "tiny_flux2_klein_pipeline",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
+    "tiny_hunyuan_pipeline",
+    "tiny_ltx_pipeline",
     "tiny_mochi_pipeline",
     "tiny_qwen",
     "tiny_qwen_pipeline",
@@ -1069,3 +1071,76 @@ def tiny_flux2_klein_pipeline():
         tokenizer=tok,
         transformer=transformer.eval(),
     )
+
+
+def tiny_hunyuan_pipeline(seed: int = 0):
+    """A ``HunyuanVideoPipeline`` of tiny random parts: its VAE (8× spatial, 4× temporal), a 2-layer
+    Llama over a byte-level tokenizer, CLIP, and a transformer of 1 dual- and 1 single-stream block."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama_tok, clip_tok = tiny_byte_level_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, scaling_factor=0.476986,
+        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True,
+    ).eval()  # fmt: skip
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=len(llama_tok), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                    pad_token_id=0)
+    ).eval()  # fmt: skip
+    clip = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8, intermediate_size=37,
+                       num_attention_heads=2, num_hidden_layers=2, vocab_size=len(clip_tok), projection_dim=8,
+                       max_position_embeddings=77)
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()  # fmt: skip
+    return HunyuanVideoPipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=llama, tokenizer=llama_tok, text_encoder_2=clip, tokenizer_2=clip_tok,
+    )  # fmt: skip
+
+
+def tiny_ltx_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """An ``LTXPipeline`` of tiny random parts: its VAE (4× spatial and temporal), T5, and a transformer
+    of 2 blocks (separate self- and cross-attention), 2 heads × 8."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False,
+        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=32,
+    ).eval()  # fmt: skip
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer,
+    )  # fmt: skip

@@ -122,3 +122,8 @@ def batched_cfg_rows(pipeline: Any | None, hidden_states: torch.Tensor) -> tuple
     if guided and batch % 2 == 0 and torch.equal(hidden_states[:half], hidden_states[half:]):
         return ("uncond",) * half + ("cond",) * half
     return ("cond",) * batch
+
+
+def _channels(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel VAE statistics (``latents_mean``, ``latents_std``) as ``(1, C, 1, 1, 1)`` of ``like``."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)

@@ -345,8 +345,9 @@ def _backend(model: Any, options: RefamOptions) -> _Backend:
         return _ShapesBackend(model, options)
     if not isinstance(getattr(model, "transformer", None), torch.nn.Module):
         raise UnsupportedModelError(
-            "refam.segment takes a diffusers pipeline (FLUX.1, FLUX.2, SD3/3.5, Qwen-Image, Chroma), an "
-            f"attnlens ShapesPipeline or a zoo model name; got {type(model).__name__}"
+            "RefAM takes a diffusers pipeline of an image family (FLUX.1, FLUX.2, SD3/3.5, Qwen-Image, "
+            "Chroma) or, for videos, a video family (Wan, CogVideoX, Mochi, HunyuanVideo, LTX), an attnlens "
+            f"ShapesPipeline or a zoo model name; got {type(model).__name__}"
         )
     return _PipelineBackend(model, options)
 
