@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, video_grid, video_layout
+from ._video import BatchedCFG, text_inputs, video_grid, video_layout
 from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, forward_arguments, vae_mode
 
 __all__ = ["CogVideoXAdapter"]
@@ -65,13 +65,7 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
     def prompt_inputs(
         self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
     ) -> dict[str, Any]:
-        embeds = pipeline.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-            device=pipeline.transformer.device,
-        )[0]
-        return {"encoder_hidden_states": embeds.to(pipeline.transformer.dtype)}
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=False)
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
         return vae_mode(pipeline.vae, pixels) * pipeline.vae.config.scaling_factor

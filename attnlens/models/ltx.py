@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, SelfCrossAttention, _channels, grid_from_coords, video_grid, video_layout
+from ._video import (
+    BatchedCFG,
+    SelfCrossAttention,
+    _channels,
+    grid_from_coords,
+    text_inputs,
+    video_grid,
+    video_layout,
+)
 from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, flow_noised, forward_arguments, vae_mode
 
 __all__ = ["LTXVideoAdapter"]
@@ -77,16 +85,7 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
     def prompt_inputs(
         self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
     ) -> dict[str, Any]:
-        embeds, mask = pipeline.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-            device=pipeline.transformer.device,
-        )[:2]
-        return {
-            "encoder_hidden_states": embeds.to(pipeline.transformer.dtype),
-            "encoder_attention_mask": mask,
-        }
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=True)
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipeline.vae

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, _channels, video_grid, video_layout
+from ._video import BatchedCFG, _channels, text_inputs, video_grid, video_layout
 from .base import (
     REQUIRED,
     AttentionLayer,
@@ -100,16 +100,7 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
     def prompt_inputs(
         self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
     ) -> dict[str, Any]:
-        embeds, mask = pipeline.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-            device=pipeline.transformer.device,
-        )[:2]
-        return {
-            "encoder_hidden_states": embeds.to(pipeline.transformer.dtype),
-            "encoder_attention_mask": mask,
-        }
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=True)
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
         vae = pipeline.vae
