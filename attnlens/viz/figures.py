@@ -29,6 +29,9 @@ from ..analysis._common import IMAGE
 
 __all__ = ["RATIO_TICKS", "map_heatmap", "ratio_colorbar", "sink_figure", "static_images", "token_bars"]
 
+#: how the token axis names each way of grouping keys (:func:`attnlens.analysis.key_groups`)
+GROUP_NAMES = {"token": "token string", "word": "word", "kind": "token kind", "position": "position"}
+
 #: sink ratios marked on log colour bars
 RATIO_TICKS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
@@ -100,7 +103,7 @@ def sink_figure(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "t
         row_heights=[0.7, 0.3],
         vertical_spacing=0.3,  # room for the slanted token names between the two panels
         subplot_titles=(
-            f"sink ratio per layer and token, mean over heads, samples and steps (tokens grouped by {by})",
+            "sink ratio r per layer and token (mean over heads, samples and steps)",
             "share of all attention taken by the layer's global attention sinks",
         ),
     )
@@ -145,7 +148,15 @@ def sink_figure(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "t
         row=2,
         col=1,
     )
-    fig.update_xaxes(tickangle=-50, tickmode="array", tickvals=names, ticktext=names, row=1, col=1)
+    fig.update_xaxes(
+        tickangle=-50,
+        tickmode="array",
+        tickvals=names,
+        ticktext=names,
+        title_text=f"tokens, grouped by {GROUP_NAMES[by]}",
+        row=1,
+        col=1,
+    )
     fig.update_xaxes(title_text="layer", row=2, col=1)
     fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=1)
     fig.update_yaxes(title_text="share of attention", rangemode="tozero", row=2, col=1)
@@ -247,4 +258,5 @@ def static_images(enable: bool = True) -> bool:
         pio.renderers.default = "plotly_mimetype"
         return False
     pio.renderers.default = "plotly_mimetype+png"
+    pio.defaults.default_width = 1000  # plotly's 700 px crowds the token axes
     return True
