@@ -502,7 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (AttnlensError, OSError) as exc:  # OSError: unreadable or missing files
-        console.print(f"[red]error:[/] {exc}")
+        from rich.markup import escape
+
+        # one line however long (no wrapping), and the message's brackets are text, not markup
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
 
 

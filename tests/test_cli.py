@@ -14,8 +14,8 @@ from attnlens.store import StoreWriter
 
 @pytest.fixture
 def printed(monkeypatch, capsys):
-    """What a command printed, as lines (a wide console: one message, one line)."""
-    monkeypatch.setattr(cli, "console", Console(width=400))
+    """What a command printed, as lines, on an 80-column console."""
+    monkeypatch.setattr(cli, "console", Console(width=80))
 
     def lines() -> list[str]:
         out = capsys.readouterr()
@@ -68,6 +68,7 @@ BAD = [
     (["demo", "--out", "{t}/x", "--model", "nosuch"], "--model 'nosuch' is no embedded model"),
     (["inspect", "{t}/none.zarr"], "no attnlens store at {t}/none.zarr"),
     (["inspect", "{t}/s.zarr", "--sample", "nosuch"], "--sample 'nosuch' is not a sample of {t}/s.zarr"),
+    (["inspect", "{t}/s.zarr", "--sample", "[x]"], "--sample '[x]' is not a sample"),
     (["sinks", "{t}/s.zarr", "--out", "{t}/nowhere/f.html"], "--out {t}/nowhere/f.html: the folder"),
     (["sinks", "{t}/s.zarr", "--head-share", "0"], "--head-share must lie in (0, 1]; got 0"),
     (["sinks", "{t}/none.zarr"], "no attnlens store at {t}/none.zarr"),
