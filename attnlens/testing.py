@@ -461,8 +461,66 @@ def tiny_mochi_pipeline(seed: int = 0, max_sequence_length: int = 16):
 
 # -- SAM2: tiny random segmenters, and processors that need no torchvision -----------------------------------
 
+# transformers' IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD and its processors' default rescale factor
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESCALE = 1 / 255
+
+
+def _rgb_uint8(image: Any) -> torch.Tensor:
+    """One image (PIL, or an ``(H, W)`` / ``(H, W, 3)`` uint8 array or tensor) → ``(3, H, W)`` uint8."""
+    import numpy as np
+
+    if hasattr(image, "getbands"):  # PIL: transparency goes onto white, as transformers' convert_to_rgb does
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            from PIL import Image
+
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = np.array(image.convert("RGB"))
+    x = torch.as_tensor(np.asarray(image))
+    if x.ndim == 2:  # grey: repeated into three channels
+        x = x[..., None].expand(-1, -1, 3)
+    if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(
+            f"the torch-only SAM2 processors take RGB uint8 images (H, W, 3), grey (H, W) or PIL images; got "
+            f"{x.dtype} {tuple(x.shape)} (install torchvision for transformers' own processors)"
+        )
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _resizes_uint8_natively(capability: str | None = None, machine: str | None = None) -> bool:
+    """Whether torchvision's bilinear ``resize`` keeps uint8 in uint8 on this CPU (or on the one named).
+
+    It does on AVX2/AVX512 x86 and on ARM CPUs; elsewhere it resizes through float32 and rounds back, which
+    differs by at most one grey level.
+    """
+    import platform
+
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    machine = platform.machine() if machine is None else machine
+    return capability in ("AVX2", "AVX512") or machine in ("aarch64", "arm64")
+
+
+def _resize_uint8(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``(n, 3, H, W)`` uint8 → ``(n, 3, side, side)`` uint8, as torchvision's ``resize`` does it.
+
+    Bilinear with antialiasing (shrinking averages over every source pixel, not just the 4 nearest),
+    in uint8 (see :func:`_resizes_uint8_natively`); an image already ``side × side`` is left as it is.
+    """
+    if tuple(x.shape[-2:]) == (side, side):
+        return x
+    resize = dict(size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    if _resizes_uint8_natively():
+        return torch.nn.functional.interpolate(x, **resize)
+    return torch.nn.functional.interpolate(x.float(), **resize).round_().to(torch.uint8)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → ``(x - mean) / std`` in float32, rescale and normalisation fused as in transformers."""
+    mean = torch.tensor(_IMAGENET_MEAN) * (1.0 / _RESCALE)  # the same float32 constants, the same rounding
+    std = torch.tensor(_IMAGENET_STD) * (1.0 / _RESCALE)
+    return x.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
 
 def _square_pixels(images: Any, side: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -470,26 +528,48 @@ def _square_pixels(images: Any, side: int) -> tuple[torch.Tensor, list[list[int]
     import numpy as np
 
     if not isinstance(images, list | tuple):
-        arr = np.asarray(images)
-        images = list(arr) if arr.ndim == 4 else [arr]
-    arrays = [np.array(im.convert("RGB")) if hasattr(im, "convert") else np.array(im) for im in images]
+        if hasattr(images, "getbands"):
+            images = [images]
+        else:
+            arr = torch.as_tensor(np.asarray(images))
+            images = list(arr) if arr.ndim == 4 else [arr]
     pixels, sizes = [], []
-    for arr in arrays:
-        x = torch.as_tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-        pixels.append(x[0])
-        sizes.append([int(arr.shape[0]), int(arr.shape[1])])
-    mean = torch.tensor(_IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(_IMAGENET_STD)[:, None, None]
-    return (torch.stack(pixels) - mean) / std, sizes
+    for image in images:
+        x = _rgb_uint8(image)
+        pixels.append(_normalise(_resize_uint8(x[None], side))[0])
+        sizes.append([int(x.shape[1]), int(x.shape[2])])
+    return torch.stack(pixels), sizes
 
 
 def _sam2_processors(side: int) -> tuple[Any, Any]:
     """``(image processor, video processor)``: transformers' own with torchvision installed, else stand-ins.
 
-    The stand-ins do what transformers' SAM2 processors do by default (bilinear resize to a
-    ``side × side`` square, rescale to [0, 1], ImageNet normalisation; masks upsampled
-    bilinearly and cut at 0) with torch alone.
+    transformers' ``Sam2ImageProcessor`` and ``Sam2VideoVideoProcessor`` need torchvision, which does not
+    import beside the CPU torch this project installs; the stand-ins do what they do with
+    ``size={"height": side, "width": side}`` using torch alone:
+
+    - images: PIL (transparency composited onto white, grey repeated), ``(H, W, 3)`` uint8 arrays, or
+      ``(T, H, W, 3)`` clips → resized to ``side × side`` bilinearly *with antialiasing*, in uint8, then
+      ``(x / 255 - mean) / std`` with ImageNet's mean and std (fused as ``(x - 255 mean) / (255 std)``);
+      ``original_sizes`` ``(n, 2)`` (height, width); the video processor adds ``reshaped_input_sizes``;
+    - masks: ``post_process_masks`` upsamples the low-resolution logits bilinearly (no antialiasing) to
+      each original size and cuts them at ``mask_threshold`` (0).
+
+    Point prompts are not theirs: ``Sam2Processor`` / ``Sam2VideoProcessor`` (which import without
+    torchvision) scale them from the ``original_sizes`` the stand-ins return.
+
+    ``tests/test_sam2_processors.py`` checks the stand-ins against the real processors' outputs,
+    saved once in ``tests/fixtures/sam2_reference.npz`` (odd-sized, grey and transparent images,
+    clips, point prompts, fixed mask logits; sides 64 and 96) by ``tests/fixtures/make_sam2_reference.py``
+    run with transformers 5.24.0, torch 2.14.1 and torchvision 0.29.1 on an AVX512 CPU: sizes, scaled
+    points and post-processed masks are equal, and so are the pixels to the bit (within one grey level
+    on a CPU without AVX2, where torchvision resizes through float32). To regenerate it, in a throwaway
+    venv outside the repository (never the project's: that torch is a 5.5 GB CUDA build)::
+
+        python3 -m venv /tmp/tv-venv
+        /tmp/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+        /tmp/tv-venv/bin/pip install transformers==<the project's version> numpy pillow
+        /tmp/tv-venv/bin/python tests/fixtures/make_sam2_reference.py
     """
     import importlib.util
 
@@ -536,7 +616,11 @@ def _sam2_processors(side: int) -> tuple[Any, Any]:
         def __call__(self, videos: Any, device: Any = None, return_tensors: Any = None, **kwargs):
             pixels, sizes = _square_pixels(videos, side)
             return BatchFeature(
-                {"pixel_values_videos": pixels[None].to(device or "cpu"), "original_sizes": [sizes[0]]}
+                {
+                    "pixel_values_videos": pixels[None].to(device or "cpu"),
+                    "original_sizes": torch.tensor(sizes[:1]),
+                    "reshaped_input_sizes": torch.tensor([[side, side]]),
+                }
             )
 
     return SquareImageProcessor(), SquareVideoProcessor()
@@ -550,7 +634,7 @@ def tiny_sam2(side: int = 64, *, video: bool = False, seed: int = 0) -> tuple[An
     one-layer mask decoder with 3 multimask outputs and (video) a one-layer memory attention
     over 2 memories. ``side`` is the model's square input, a multiple of 32. transformers' SAM2
     processors need torchvision; where it is missing, stand-ins that preprocess alike take
-    their place.
+    their place (checked against the real processors' saved outputs: see ``_sam2_processors``).
     """
     import importlib.util
 
