@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "analysis",
     "capture",
+    "explore",
     "label_tokens",
     "open_store",
     "redirect",
@@ -35,3 +36,12 @@ __all__ = [
     "supported_models",
     "suppress",
 ]
+
+
+def __getattr__(name: str):
+    # the explorer brings plotly (and, when called, ipywidgets): import them only for it
+    if name == "explore":
+        from .viz.explorer import explore
+
+        return explore
+    raise AttributeError(f"module 'attnlens' has no attribute {name!r}")

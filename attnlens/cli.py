@@ -22,14 +22,21 @@ console = Console()
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Capture the embedded model into a store, find its sinks, segment by attention, write a report."""
     import attnlens
-    from attnlens import demo
+    from attnlens import demo, zoo
 
+    _check(folders={"--out": args.out}, positive={"--scenes": args.scenes, "--steps": args.steps})
+    if args.model not in zoo.available():
+        from attnlens.errors import InputError, choices
+
+        raise InputError(f"--model {args.model!r} is no embedded model; choose {choices(zoo.available())}")
     console.print(f"[bold]attnlens {attnlens.__version__}[/] — the embedded model {args.model!r}")
     result = demo.run(args.out, model=args.model, scenes=args.scenes, steps=args.steps)
     console.print(f"captured into {result.store}")
-    _print_frame(result.token_mass, "share of incoming attention by token kind, and the top text token")
+    _print_frame(
+        result.token_mass, "share of incoming attention by token kind, and the text token with the largest r"
+    )
     sinks = result.sinks[[c for c in ("layer", "gas", "gas_share", "top_kind") if c in result.sinks]]
-    _print_frame(sinks, "global attention sinks per layer (token@position, share of steps)")
+    _print_frame(sinks, "global attention sinks per layer (token, share of (caption, step) pairs)")
     _print_frame(result.segmentation, "referring segmentation by attention (ShapesRef test scenes)")
     console.print(f"report written to {result.report}")
     return 0
@@ -46,7 +53,7 @@ def _print_frame(frame, title: str) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a store holds: samples, variables and their sizes, layers, steps and tokens."""
-    from attnlens.errors import CorruptStoreError, choices
+    from attnlens.errors import CorruptStoreError, SelectionError, choices
     from attnlens.store import open_store, verify_store
     from attnlens.store.planning import format_bytes
 
@@ -57,6 +64,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             raise
         console.print(f"[red]damaged:[/] {exc}")
         return _verify(args.store, verify_store, "the store")
+    ids = [str(i) for i in ds.sample_id.values]
+    if args.sample is not None and args.sample not in ids:
+        raise SelectionError(
+            f"--sample {args.sample!r} is not a sample of {args.store}; ids: {choices(ids) or 'none'}"
+        )
     disk = ds.encoding["stored_bytes"]
     attrs = ds.attrs
     console.print(f"[bold]{args.store}[/] — attnlens store, schema version {attrs.get('schema_version')}")
@@ -65,7 +77,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     versions = attrs.get("versions", {})
     if versions:
         console.print("written by: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    ids = [str(i) for i in ds.sample_id.values]
     slots = ds.encoding.get("sample_slots", len(ids))
     console.print(f"samples: {len(ids)} complete of {slots} slot(s): {choices(ids, 8) or '—'}")
     if ds.encoding.get("in_progress"):
@@ -192,6 +203,11 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
     """Find attention sinks in a store (or a capture of the tiny FLUX); print a table, write a figure."""
     from attnlens.analysis import find_sinks, plot_sinks, sinks_by_layer
 
+    _check(
+        outputs={"--out": args.out} if args.out else {},
+        positive={"--min-ratio": args.min_ratio, "--steps": args.steps},
+        shares={"--head-share": args.head_share, "--epsilon": args.epsilon},
+    )
     if args.store is not None:
         from attnlens.store import open_store
 
@@ -239,10 +255,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     from attnlens import refam
 
+    image = _check(
+        images={"IMAGE": args.image},
+        outputs={"--out": args.out, **({"--heatmap": args.heatmap} if args.heatmap else {})},
+        shares={"--t": args.t},
+    )
     options = {"t": args.t, "gas": args.gas, "seed": args.seed, "refine": not args.no_refine}
     if args.caption:
         options["caption"] = args.caption
-    image = Image.open(args.image)
     with console.status(f"loading {args.model}"):
         model = _load_model(args.model)
         segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
@@ -258,6 +278,103 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         f"points (x, y): {np.round(result.points, 1).tolist()}"
     )
     console.print(f"mask: {result.mask.mean():.1%} of {image.width} × {image.height} pixels → {args.out}")
+    return 0
+
+
+def _check(
+    *,
+    images: dict[str, str] | None = None,
+    outputs: dict[str, str] | None = None,
+    folders: dict[str, str] | None = None,
+    positive: dict[str, float] | None = None,
+    shares: dict[str, float] | None = None,
+):
+    """Check a command's inputs before it computes anything; return the (last) image opened.
+
+    Each argument maps the option's name to its value: ``images`` must be files PIL can read,
+    ``outputs`` files whose folder exists and is writable, ``folders`` folders that exist or can
+    be made, ``positive`` numbers above 0, ``shares`` numbers in ``(0, 1]``. Raises
+    :class:`~attnlens.errors.InputError` naming the first that is not.
+    """
+    import os
+    from pathlib import Path
+
+    from attnlens.errors import InputError
+
+    def writable(folder: Path, name: str, value: str) -> None:
+        if not folder.is_dir():
+            raise InputError(f"{name} {value}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"{name} {value}: the folder {folder} is not writable")
+
+    for name, value in (positive or {}).items():
+        if not value > 0:
+            raise InputError(f"{name} must be above 0; got {value:g}")
+    for name, value in (shares or {}).items():
+        if not 0 < value <= 1:
+            raise InputError(f"{name} must lie in (0, 1]; got {value:g}")
+    for name, value in (outputs or {}).items():
+        path = Path(value)
+        if path.is_dir():
+            raise InputError(f"{name} {value} is a folder; give a file name")
+        writable(path.absolute().parent, name, value)
+    for name, value in (folders or {}).items():
+        path = Path(value).absolute()
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{name} {value} is a file; give a folder")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        writable(existing, name, value)
+    image = None
+    for name, value in (images or {}).items():
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(
+                f"{name} {value}: no such file" if not path.exists() else f"{name} {value} is a folder"
+            )
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise InputError(f"{name} {value} is not an image PIL can read ({type(exc).__name__})") from None
+    return image
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Score RefAM on a benchmark split; resumable; sharded by rank under torchrun / accelerate launch."""
+    import ast
+
+    from attnlens.datasets import load
+    from attnlens.refam.evaluation import ABLATIONS, evaluate
+
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word: a string option such as gas=redirect
+    variants = {"RefAM": {}}
+    if args.ablate is not None:
+        unknown = sorted(set(args.ablate) - set(ABLATIONS))
+        if unknown:
+            from attnlens.errors import choices
+
+            raise SystemExit(f"unknown ablation(s) {unknown}; choose from: {choices(ABLATIONS, 20)}")
+        variants = {k: v for k, v in ABLATIONS.items() if not args.ablate or k in args.ablate or k == "RefAM"}
+    dataset = load(args.dataset, args.split, args.root, limit=args.limit)
+    with console.status(f"loading {args.model}"):
+        model = _load_model(args.model)
+        segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
+    summary = evaluate(
+        dataset, model, args.out, segmenter=segmenter, variants=variants, model_name=args.model, **options
+    )
+    if summary is not None:
+        from pathlib import Path
+
+        console.print(Path(args.out, "summary.md").read_text())
+        console.print(f"per-sample results: {Path(args.out, 'samples.parquet')}")
     return 0
 
 
@@ -326,10 +443,15 @@ def _grid(ds, np) -> str:
     return " × ".join(str(int(np.max(ds[c].values)) + 1) for c in ("frame", "y", "x"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``attnlens segment: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attnlens", description="Look inside the attention of diffusion transformers."
-    )
+    parser = _Parser(prog="attnlens", description="Look inside the attention of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="the main job on the embedded model: capture, sinks, segmentation, report"
@@ -391,6 +513,26 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seed", type=int, default=0, help="seed of the noise")
     seg.add_argument("--no-refine", action="store_true", help="Otsu's threshold of the heatmap only")
     seg.set_defaults(func=_cmd_segment)
+    ev = sub.add_parser("eval", help="score RefAM on a benchmark (resumable; shards under torchrun)")
+    ev.add_argument(
+        "--dataset",
+        required=True,
+        help="refcoco, refcoco+, refcocog, ref-davis17, ref-youtube-vos, shapesref",
+    )
+    ev.add_argument("--split", required=True, help="val, testA, testB, test (as in the papers)")
+    ev.add_argument("--root", help="the dataset's folder (not for shapesref)")
+    ev.add_argument("--model", default="shapes-flux", help="zoo model or diffusers pipeline folder")
+    ev.add_argument("--segmenter", help="SAM / SAM 2 checkpoint folder (default: the threshold refiner)")
+    ev.add_argument("--limit", type=int, help="the first N samples only")
+    ev.add_argument(
+        "--ablate", nargs="*", metavar="VARIANT",
+        help="also the ablations and attention-only baselines (all, or those named)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a RefAM option, e.g. t=0.3"
+    )
+    ev.add_argument("--out", required=True, help="results folder: samples.parquet, summary.md, summary.json")
+    ev.set_defaults(func=_cmd_eval)
     zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)
     train = zoo.add_parser("train", help="train (or resume training) an embedded model")
     train.add_argument("name", choices=["shapes-flux"], help="which model")
@@ -439,7 +581,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (AttnlensError, OSError) as exc:  # OSError: unreadable or missing files
-        console.print(f"[red]error:[/] {exc}")
+        from rich.markup import escape
+
+        # one line however long (no wrapping), and the message's brackets are text, not markup
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
 
 

@@ -7,7 +7,7 @@
    whether any becomes a global attention sink (:func:`attnlens.analysis.find_sinks`);
 4. segment every referring expression of those scenes by attention (:func:`attnlens.refam.segment`)
    and score it, beside the attention-only map and the baselines that need no model;
-5. write a self-contained HTML report (:class:`attnlens.report.Report`) next to the store.
+5. write a self-contained HTML report (:class:`attnlens.viz.report.Report`) next to the store.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import zoo
-from .analysis import find_sinks, mass_by_kind, plot_sinks, sinks_by_layer
+from .analysis import find_sinks, mass_by_kind, plot_sinks, ratio_by_token, sinks_by_layer
 from .datasets import shapesref
 from .refam import segment
 from .refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise
-from .report import Report
 from .session import capture
 from .store import open_store
+from .viz.report import Report
 
 __all__ = ["DemoResult", "run", "token_mass"]
 
@@ -105,17 +105,19 @@ def run(
     report = Report(f"attnlens demo: {name}")
     report.text(
         f"{len(chosen)} ShapesRef test captions drawn in {steps} steps with cross and key_mass captured "
-        f"into {store.name}; {len(pairs)} referring expressions segmented by attention."
+        f"into {store.name}; {len(pairs)} referring expressions segmented by attention. Averages over "
+        "samples group tokens by what they are (their string), never by their position, since the "
+        "captions differ."
     )
     report.heading("What the model drew")
     report.images([(d, s.caption) for d, s in zip(drawings, chosen, strict=True)])
     report.heading("Which tokens take the attention, per layer")
-    report.table(mass)
+    report.table(mass, notes=TOKEN_MASS_NOTES)
     report.heading("Attention sinks")
-    report.table(sink_table)
+    report.table(sink_table, notes=SINK_NOTES)
     report.figure(plot_sinks(sinks, ds))
     report.heading("Referring segmentation by attention")
-    report.table(table)
+    report.table(table, notes=SEGMENTATION_NOTES)
     report.text(
         "RefAM: the noun phrase's attention (t = 0.3) with appended magnets, GAS handling, the spatial "
         "prior and the threshold refiner; attention only: the head noun's raw head-mean map, "
@@ -123,7 +125,7 @@ def run(
         "The baselines need no model; colour lookup reads the named colour off the clean image.",
         note=True,
     )
-    _gallery(report, pipe, pairs[:gallery])
+    _gallery(report, pipe, pairs, gallery)
     path = report.save(out / "report.html")
     return DemoResult(store=store, report=path, token_mass=mass, sinks=sink_table, segmentation=table)
 
@@ -131,39 +133,70 @@ def run(
 def token_mass(ds: xr.Dataset) -> pd.DataFrame:
     """Per layer: the share of incoming attention of each token kind, and the text token taking most.
 
-    ``top token`` is the text token with the largest ``key_mass`` (mean over samples, steps and
-    heads, first sample's labels) and ``× uniform`` its mass over a uniform key's ``1/N``.
+    ``top text token`` is the text token with the largest sink ratio ``r = N·α`` (``key_mass``
+    times the sequence length), tokens grouped by their string across samples
+    (:func:`~attnlens.analysis.ratio_by_token`) and averaged over their occurrences, steps and
+    heads; ``its r`` is that ratio (1 = what uniform attention gives).
     """
     reduce = [d for d in ("sample", "step") if d in ds.dims]
     share = mass_by_kind(ds).mean(reduce).compute()  # (layer, kind)
-    per_key = ds.key_mass.mean([*reduce, *(["head"] if "head" in ds.key_mass.dims else [])]).compute()
-    first = {"sample": 0} if "sample" in ds.key_kind.dims else {}
-    text = ds.key_kind.isel(first).values != "image"
-    tokens = ds.token_str.isel(first).values if "token_str" in ds else None
+    ratio = ratio_by_token(find_sinks(ds), ds).compute()  # (layer, group)
+    text = ratio.isel(group=np.flatnonzero(ratio.group_kind.values != "image"))
     rows = []
     for layer in ds.layer.values:
-        mass = per_key.sel(layer=layer).values
-        top = int(np.flatnonzero(text)[mass[text].argmax()])
         row = {"layer": str(layer)}
         row.update(
             {str(k): float(v) for k, v in zip(share.kind.values, share.sel(layer=layer).values, strict=True)}
         )
-        row["top token"] = (tokens[top] if tokens is not None else "") or f"#{top}"
-        row["× uniform"] = float(mass[top] * len(mass))
+        r = text.sel(layer=layer)
+        top = int(np.nanargmax(r.values))
+        row["top text token"] = str(r.group.values[top])
+        row["its r"] = float(r.values[top])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list) -> None:
-    report.heading("Expressions: image, heatmap, mask, target")
-    for scene, e in pairs:
+#: what the columns of the demo's tables mean (shown under each table in the report)
+TOKEN_MASS_NOTES = {
+    "content": "share of all attention received by content words (mean over samples, steps and heads)",
+    "image": "share received by the image tokens; the kinds of a layer sum to 1",
+    "pad": "share received by padding tokens",
+    "special": "share received by special tokens ([EOS], [CLS], ...)",
+    "stop": "share received by stop words (a, the, on, and, ...)",
+    "magnet": "share received by appended magnet tokens",
+    "top text token": "the text token with the largest mean sink ratio; tokens grouped by their string "
+    "across the captions",
+    "its r": "its sink ratio r = N·α: the attention it receives over what uniform attention would give (1)",
+}
+SINK_NOTES = {
+    "layer": "transformer layer",
+    "layer_kind": "double-stream or single-stream block",
+    "gas": "tokens that are global attention sinks (r ≥ 10, most queries alike, in ≥ half of the heads), "
+    "each with the share of (caption, step) pairs in which it is one",
+    "gas_share": "share of all attention the layer's sinks take (mean over captions and steps)",
+    "gas_count": "sinks per (caption, step)",
+    "gu_sink_heads": "share of heads with a key taking more than 0.3 of the attention (Gu et al. 2024)",
+    "top_kind": "the token kind receiving the most attention",
+    "top_kind_share": "its share of all attention",
+}
+SEGMENTATION_NOTES = {
+    "variant": "RefAM and its attention-only ablation, then baselines that need no model",
+    "subset": "all expressions",
+    "n": "expressions scored",
+    "mIoU": "mean over expressions of the mask's intersection over union with the true mask",
+    "oIoU": "overall IoU: summed intersections over summed unions",
+    "pointing": "share of expressions whose heatmap peak falls inside the true mask (— where no heatmap)",
+}
+
+
+def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list, count: int) -> None:
+    # round robin over the scenes, so that a short gallery still shows every scene
+    order = sorted(range(len(pairs)), key=lambda i: ([p[0] for p in pairs[:i]].count(pairs[i][0]), i))
+    shown = [pairs[i] for i in order[:count]]
+    report.heading(f"Expressions: {len(shown)} of {len(pairs)}, one per scene in turn")
+    rows = []
+    for scene, e in shown:
         result = segment(scene.image, e.text, model=pipe, **SHAPESREF_OPTIONS)
-        report.images(
-            [
-                (scene.image, e.text),
-                (result.heatmap, "heatmap"),
-                (result.mask.astype(np.float32), "RefAM mask"),
-                (scene.masks[e.target].astype(np.float32), "target"),
-            ],
-            width=96,
-        )
+        images = [scene.image, result.heatmap, result.mask.astype(np.float32), scene.masks[e.target]]
+        rows.append((e.text, [np.asarray(a, dtype=np.float32) if a.dtype == bool else a for a in images]))
+    report.gallery(["image", "RefAM heatmap", "RefAM mask", "true mask"], rows)

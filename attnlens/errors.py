@@ -13,9 +13,11 @@ __all__ = [
     "AttnlensError",
     "CaptureTooLargeError",
     "CorruptStoreError",
+    "DatasetError",
     "EmptySpecError",
     "HeadIndexError",
     "HookError",
+    "InputError",
     "LayoutError",
     "MissingVariableError",
     "NotAStoreError",
@@ -75,6 +77,11 @@ class SelectionError(AttnlensError, KeyError):
         return str(self.args[0])
 
 
+class DatasetError(AttnlensError, ValueError):
+    """A benchmark folder lacks a file, holds one in another format, or has no such split;
+    the message names the file."""
+
+
 class StoreError(AttnlensError):
     """An attention store cannot be read or written."""
 
@@ -100,6 +107,10 @@ class StoreFullError(StoreError, OSError):
 
     def __str__(self) -> str:  # OSError would prefix "[Errno 28]" to the message
         return str(self.strerror if self.strerror is not None else self.args[0])
+
+
+class InputError(AttnlensError, ValueError):
+    """A file, folder or value given on the command line is missing, unreadable or of the wrong kind."""
 
 
 def choices(values: Iterable[object], limit: int = 12) -> str:

@@ -15,9 +15,9 @@ from attnlens import demo
 from attnlens.cli import main
 from attnlens.datasets import shapesref
 from attnlens.refam.benchmark import VARIANTS, evaluate, summarise, video_scores
-from attnlens.report import Report
 from attnlens.store import open_store
 from attnlens.testing import tiny_shapes_config
+from attnlens.viz.report import Report
 from attnlens.zoo import card
 from attnlens.zoo.shapes import ShapesPipeline
 from attnlens.zoo.train import TrainConfig, train
@@ -39,17 +39,22 @@ def test_report_is_one_self_contained_file(tmp_path):
     report.images([(np.zeros((8, 8, 3), np.uint8), "black"), (np.ones((8, 8)), "white")])
     html = report.save(tmp_path / "r.html").read_text()
     assert "a &lt;report&gt;" in html and "0.512" in html
-    assert html.count('<img width="128" src="data:image/png;base64,') == 2
+    assert html.count('<img class="px" width="128" src="data:image/png;base64,') == 2
     # plotly.js is inlined once, never fetched from a CDN
     assert html.count("plotly.js v") == 1 and '<script src="http' not in html
 
 
-def test_demo_captures_finds_sinks_segments_and_reports(tmp_path, pipe):
-    result = demo.run(tmp_path, model=pipe, scenes=2, steps=2, progress=False)
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, pipe):
+    return demo.run(tmp_path_factory.mktemp("demo"), model=pipe, scenes=2, steps=2, progress=False)
+
+
+def test_demo_captures_finds_sinks_segments_and_reports(tmp_path, pipe, demo_run):
+    result = demo_run
     ds = open_store(result.store)
     assert list(ds.sample_id.values) == ["test-0", "test-1"] and {"cross", "key_mass"} <= set(ds.data_vars)
     assert list(result.token_mass.layer) == ["double.0", "single.0"]
-    shares = result.token_mass.drop(columns=["layer", "top token", "× uniform"]).sum(axis=1)
+    shares = result.token_mass.drop(columns=["layer", "top text token", "its r"]).sum(axis=1)
     np.testing.assert_allclose(shares, 1.0, atol=1e-5)
     assert set(result.sinks.layer) == {"double.0", "single.0"}
     table = result.segmentation.set_index("variant")
@@ -58,6 +63,7 @@ def test_demo_captures_finds_sinks_segments_and_reports(tmp_path, pipe):
     assert table.loc["whole image", "mIoU"] < table.loc["union of objects", "mIoU"] <= 1
     html = result.report.read_text()
     assert "Attention sinks" in html and "RefAM mask" in html
+    assert "<dt>gas_share</dt>" in html  # every table says what its columns mean
     again = demo.run(tmp_path, model=pipe, scenes=1, steps=2, progress=False)  # a rerun replaces the store
     assert list(open_store(again.store).sample_id.values) == ["test-0"]
 
@@ -154,3 +160,24 @@ def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
     again = card.claims(ShapesPipeline.load(tmp_path), m.t, n=10)
     for name, value in claims["figures"].items():  # the saved weights reproduce the claimed figures
         assert again[name] == pytest.approx(value, abs=claims["tolerance"])
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_demo_report_renders_in_chromium(demo_run, width):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("playwright", reason="Playwright drives the browser (the dev extra installs it)")
+    path = Path(__file__).parent / "browser.py"
+    spec = importlib.util.spec_from_file_location("browser", path)
+    browser = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(browser)
+    if browser.chromium() is None:
+        pytest.skip("no chromium: `make browser` installs Debian's chromium")
+    shot = path.parent.parent / "build" / "screenshots" / f"demo_report_{width}.png"
+    page = browser.open_page(demo_run.report, shot, plots=1, width=width)
+    assert page.errors == []
+    assert page.plots == 1  # the sink figure
+    n = sum(len(s.expressions) for s in shapesref.split("test", n=2))
+    assert page.images == 2 + 4 * min(12, n)  # the drawings, then image, heatmap, mask, truth per row
+    assert page.scroll_width <= width  # wide tables scroll inside their box, not the page

@@ -15,6 +15,7 @@ from attnlens.store import StoreWriter, open_store, plan
 from attnlens.testing import (
     tiny_cogvideox_pipeline,
     tiny_flux_pipeline,
+    tiny_flux_transformer,
     tiny_mochi_pipeline,
     tiny_wan_pipeline,
 )
@@ -121,15 +122,27 @@ def test_adapters_count_the_tokens_their_pipelines_make(make, frames):
     assert (predicted.text_tokens, predicted.image_tokens) == (16, cap.result.sizes["query"])
 
 
+def test_a_pipeline_without_a_vae_or_a_bare_transformer_needs_its_token_count():
+    import types
+
+    transformer = tiny_flux_transformer()
+    no_vae = types.SimpleNamespace(transformer=transformer)  # a pipeline that does not say its VAE's factor
+    with pytest.raises(UnsupportedModelError, match=r"cannot tell how pixels become tokens .*image_tokens"):
+        plan(no_vae, keep="cross", height=64, width=64, steps=2, text_tokens=16)
+    assert plan(no_vae, keep="cross", image_tokens=60, steps=2, text_tokens=16).image_tokens == 60
+    with pytest.raises(UnsupportedModelError, match=r"a bare FluxTransformer2DModel .* give the pipeline"):
+        plan(transformer, keep="cross", height=64, width=64, steps=2, text_tokens=16)
+
+
 def test_plan_of_an_embedded_model_and_of_a_diffusers_folder(tmp_path):
     pipe = tiny_flux_pipeline(num_layers=1, num_single_layers=1)
     pipe.save_pretrained(tmp_path / "pipe")
     options = {"keep": ("cross", "key_mass"), "height": 64, "width": 64, "steps": 4, "text_tokens": 16}
-    from_folder = plan(str(tmp_path / "pipe"), **options)  # its transformer on the meta device, no weights
-    assert from_folder == plan(pipe, **options)
+    # the folder's pipeline is built from its configs, on the meta device: no weights are read
+    assert plan(str(tmp_path / "pipe"), **options) == plan(pipe, **options)
     pipe.transformer.save_pretrained(tmp_path / "transformer")
-    bare = plan(tmp_path / "transformer", **options)  # no VAE: FLUX's usual 16 pixels per token
-    assert bare.image_tokens == (64 // 16) ** 2
+    bare = plan(tmp_path / "transformer", keep="cross", image_tokens=256, steps=4, text_tokens=16)
+    assert bare.variables["cross"][0]["query"] == 256
     assert plan("shapes-flux", **options).image_tokens == 64  # 8 × 8 patches of 8 pixels
     with pytest.raises(UnsupportedModelError, match="holds no diffusers pipeline"):
         plan(str(tmp_path), **options)
@@ -190,7 +203,7 @@ def test_a_model_of_no_known_family_needs_its_token_count():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(
-            UnsupportedModelError, match=r"generic adapter .* give plan\(image_tokens=\.\.\.\)"
+            UnsupportedModelError, match=r"bare PixArtTransformer2DModel .* plan\(image_tokens=\.\.\.\)"
         ):
             plan(pixart, keep="cross", height=64, width=96, steps=2, text_tokens=6)
         p = plan(pixart, keep="cross", image_tokens=24, steps=2, text_tokens=6)

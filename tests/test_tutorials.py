@@ -1,29 +1,13 @@
-"""The notebooks and tutorials run as shipped."""
+"""The tutorials run as shipped (the notebooks: test_notebooks.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 from attnlens.testing import tiny_flux_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
-    ).execute()
-    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
 
 
 def test_pretrained_tutorial_loads_a_saved_pipeline(tmp_path):

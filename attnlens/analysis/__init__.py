@@ -7,13 +7,23 @@ small reductions. Definitions are in each module's documentation and in DESIGN.m
 """
 
 from . import metrics, synthetic
+from ._common import GROUP_BY, key_groups
 from .magnets import MAGNET_KINDS, find_magnets, magnet_words
 from .metrics import auc, binarize, boundary_f, iou, j_and_f, pointing_game
 from .ranking import METRICS, localisation_scores, rank
 from .redistribution import destinations, redistribution, target_map, transport
-from .sinks import find_sinks, mass_by_kind, plot_sinks, sink_tokens, sinks_by_layer
+from .sinks import (
+    find_sinks,
+    gas_by_token,
+    mass_by_kind,
+    plot_sinks,
+    ratio_by_token,
+    sink_tokens,
+    sinks_by_layer,
+)
 
 __all__ = [
+    "GROUP_BY",
     "MAGNET_KINDS",
     "METRICS",
     "auc",
@@ -22,8 +32,10 @@ __all__ = [
     "destinations",
     "find_magnets",
     "find_sinks",
+    "gas_by_token",
     "iou",
     "j_and_f",
+    "key_groups",
     "localisation_scores",
     "magnet_words",
     "mass_by_kind",
@@ -31,6 +43,7 @@ __all__ = [
     "plot_sinks",
     "pointing_game",
     "rank",
+    "ratio_by_token",
     "redistribution",
     "sink_tokens",
     "sinks_by_layer",

@@ -1,4 +1,9 @@
-"""Helpers shared by the analyses: input checks, token positions and labels, masks, targets."""
+"""Helpers shared by the analyses: input checks, token positions, labels and groups, masks, targets.
+
+Prompts differ between samples, so a position along ``key`` or ``key_text`` names different
+tokens in different samples. Whatever is averaged over samples is therefore grouped by what a
+token *is* (:func:`key_groups`: its string, word or kind), never by where it stands.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-from ..errors import LayoutError, MissingVariableError
+from ..errors import LayoutError, MissingVariableError, SelectionError, choices
 
 IMAGE = "image"
+
+#: how :func:`key_groups` can name a key: what it is (the same across samples), or where it stands
+GROUP_BY = ("token", "word", "kind", "position")
 
 
 def require(ds: xr.Dataset, *names: str, analysis: str) -> None:
@@ -49,7 +57,8 @@ def mean_heads(da: xr.DataArray) -> xr.DataArray:
 
 
 def key_labels(ds: xr.Dataset) -> xr.DataArray:
-    """A readable label of every key: the token string of text keys, ``img(y,x)`` of image keys.
+    """A readable label of every key: the token string of text keys, ``img(y,x)`` of image keys
+    (``img(frame,y,x)`` in a video).
 
     Dims: ``(sample, key)`` when the Dataset has ``sample``, else ``(key,)``; eager (labels are small).
     """
@@ -58,7 +67,13 @@ def key_labels(ds: xr.Dataset) -> xr.DataArray:
     image = np.flatnonzero(first_sample(kinds).astype(str) == IMAGE)
     text = np.flatnonzero(first_sample(kinds).astype(str) != IMAGE)
     if "y" in ds.coords and "x" in ds.coords and len(image) == ds.sizes.get("query", -1):
-        values[..., image] = [f"img({y},{x})" for y, x in zip(ds["y"].values, ds["x"].values, strict=True)]
+        frames = ds["frame"].values if "frame" in ds.coords and ds["frame"].max() > 0 else None
+        values[..., image] = [
+            f"img({y},{x})" if frames is None else f"img({f},{y},{x})"
+            for f, y, x in zip(
+                frames if frames is not None else ds["y"].values, ds["y"].values, ds["x"].values, strict=True
+            )
+        ]
     else:
         values[..., image] = [f"img#{i}" for i in range(len(image))]
     if "token_str" in ds.coords:
@@ -66,6 +81,69 @@ def key_labels(ds: xr.Dataset) -> xr.DataArray:
         index = np.broadcast_to(np.arange(len(text)), tokens.shape)
         values[..., text] = np.where(tokens != "", tokens, "#" + index.astype(str).astype(object))
     return xr.DataArray(values, dims=kinds.dims, coords={d: ds[d] for d in kinds.dims if d in ds.indexes})
+
+
+def key_groups(ds: xr.Dataset, by: str = "token") -> xr.DataArray:
+    """What each key is, ``(sample, key)`` (``(key,)`` without ``sample``): the label to group by.
+
+    ``by``: ``"token"`` (the token string; image keys ``img(y,x)``), ``"word"`` (the word a text
+    token belongs to, so that a word split into several tokens is one group; padding and special
+    tokens keep their token string), ``"kind"`` (``key_kind``: content, stop, pad, special,
+    magnet, image) or ``"position"`` (``token@position``; only where every sample has the same
+    tokens, since a position names different tokens in different prompts).
+
+    >>> from attnlens.analysis import synthetic
+    >>> ds = synthetic.from_probabilities(
+    ...     synthetic.random_attention((2, 1, 1, 1), 5),
+    ...     [synthetic.prompt_labels("a cat", 4), synthetic.prompt_labels("the dog", 4)],
+    ...     grid=(1, 1),
+    ... )
+    >>> key_groups(ds).values.tolist()
+    [['a', 'cat', '</s>', '<pad>', 'img(0,0)'], ['the', 'dog', '</s>', '<pad>', 'img(0,0)']]
+    >>> key_groups(ds, "kind").values[1].tolist()
+    ['stop', 'content', 'special', 'pad', 'image']
+    """
+    if by not in GROUP_BY:
+        raise SelectionError(f"cannot group keys by {by!r}; choose one of {choices(GROUP_BY)}")
+    require(ds, "key_kind", analysis=f"grouping keys by {by}")
+    if by == "kind":
+        kinds = ds["key_kind"]
+        return kinds.copy(data=np.asarray(kinds.values).astype(str).astype(object)).reset_coords(drop=True)
+    labels = key_labels(ds)
+    values = np.asarray(labels.values)
+    if by == "word" and "word" in ds.coords:
+        words = np.asarray(ds["word"].values).astype(str).astype(object)
+        text = text_positions(ds)
+        values[..., text] = np.where(words != "", words, values[..., text])
+    if by == "position":
+        if values.ndim == 2 and (values != values[:1]).any():
+            differ = np.flatnonzero((values != values[:1]).any(axis=1))
+            raise LayoutError(
+                f"samples {choices(differ)} hold other tokens than sample 0 at the same positions: "
+                "group by token, word or kind instead"
+            )
+        values = values + np.array([f"@{k}" for k in range(values.shape[-1])], dtype=object)
+    return labels.copy(data=values)
+
+
+def group_mean(
+    values: xr.DataArray, groups: xr.DataArray, over: Sequence[str] = ("sample", "step")
+) -> xr.DataArray:
+    """Mean of ``values`` ``(…, key)`` over every occurrence of each group in ``key`` and ``over``.
+
+    ``groups`` is :func:`key_groups`' ``(sample, key)`` labels; the result is ``(…, group)``
+    without ``key`` and the dims of ``over``, its groups in order of first appearance. NaN
+    values (a key a layer does not cover) are left out of the mean; lazy inputs stay lazy.
+    """
+    order = list(dict.fromkeys(np.asarray(groups.values).ravel().tolist()))
+    hot = one_hot(groups, "group", order)
+    over = [d for d in over if d in values.dims]
+    in_hot = [d for d in over if d in hot.dims]
+    rest = [d for d in over if d not in hot.dims]
+    values = values.reset_coords(drop=True)
+    total = xr.dot(values.fillna(0.0), hot, dim=["key", *in_hot]).sum(rest)
+    count = xr.dot(values.notnull().astype(np.float32), hot, dim=["key", *in_hot]).sum(rest)
+    return total / count.where(count > 0)
 
 
 def one_hot(labels: xr.DataArray, dim: str, categories: Sequence[str] | None = None) -> xr.DataArray:

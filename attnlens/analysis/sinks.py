@@ -48,9 +48,9 @@ import pandas as pd
 import xarray as xr
 
 from ._common import (
-    IMAGE,
-    first_sample,
+    group_mean,
     image_positions,
+    key_groups,
     key_labels,
     mean_heads,
     one_hot,
@@ -58,7 +58,15 @@ from ._common import (
     text_positions,
 )
 
-__all__ = ["find_sinks", "mass_by_kind", "plot_sinks", "sink_tokens", "sinks_by_layer"]
+__all__ = [
+    "find_sinks",
+    "gas_by_token",
+    "mass_by_kind",
+    "plot_sinks",
+    "ratio_by_token",
+    "sink_tokens",
+    "sinks_by_layer",
+]
 
 
 def _incoming_mass(ds: xr.Dataset, analysis: str) -> xr.DataArray:
@@ -254,21 +262,73 @@ def sink_tokens(sinks: xr.Dataset, ds: xr.Dataset | None = None) -> pd.DataFrame
     return pd.DataFrame(rows, columns=columns)
 
 
-def sinks_by_layer(sinks: xr.Dataset, ds: xr.Dataset | None = None) -> pd.DataFrame:
+def ratio_by_token(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "token") -> xr.DataArray:
+    """Sink ratio ``r`` of each kind of token per layer: ``(layer, group)``, mean over heads and occurrences.
+
+    Keys are grouped by what they are (:func:`~attnlens.analysis._common.key_groups`: token
+    string, word, kind, or position where every sample has the same tokens), then ``r`` is
+    averaged over every occurrence of the group in every sample and step, so that "[EOS]" is
+    the mean over each prompt's own [EOS], wherever it stands. The coordinate ``group_kind``
+    holds each group's token kind (the most frequent one).
+
+    >>> from attnlens.analysis import synthetic, find_sinks
+    >>> ds = synthetic.planted(layers=2, heads=1, steps=1, grid=(4, 4), sink=8, sink_layers=[1])
+    >>> r = ratio_by_token(find_sinks(ds), ds)
+    >>> r.dims, [str(g) for g in r.group.values[:8]]
+    (('layer', 'group'), ['a', 'red', 'mug', 'on', 'the', 'table', '</s>', '<pad>'])
+    >>> round(float(r.sel(layer="block.1", group="<pad>")), 2)  # one sink (16.8) among five <pad>
+    3.68
+    """
+    source = ds if ds is not None else sinks
+    groups = key_groups(source, by)
+    ratio = sinks["ratio"].mean("head")
+    out = group_mean(ratio, groups, over=[d for d in ("sample", "step") if d in ratio.dims])
+    kinds = pd.DataFrame(
+        {"group": np.asarray(groups.values).ravel(), "kind": np.asarray(sinks["key_kind"].values).ravel()}
+    )
+    kind = kinds.groupby("group", sort=False)["kind"].agg(lambda k: k.value_counts().index[0])
+    return out.assign_coords(group_kind=("group", kind.reindex(out["group"].values).to_numpy().astype(str)))
+
+
+def gas_by_token(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "token") -> xr.DataArray:
+    """How often each kind of token is a global attention sink, per layer: ``(layer, group)`` in ``[0, 1]``.
+
+    The share of (sample, step) pairs, among the samples whose prompt holds the token, in which
+    one of its occurrences is a GAS; keys grouped as in :func:`ratio_by_token`. Lazy when
+    ``sinks`` is.
+
+    >>> from attnlens.analysis import synthetic, find_sinks
+    >>> ds = synthetic.planted(layers=2, heads=1, steps=1, grid=(4, 4), sink=8, sink_layers=[1])
+    >>> gas_by_token(find_sinks(ds), ds).sel(group="<pad>").values.tolist()
+    [0.0, 1.0]
+    """
+    groups = key_groups(ds if ds is not None else sinks, by)
+    order = list(dict.fromkeys(np.asarray(groups.values).ravel().tolist()))
+    hot = one_hot(groups, "group", order)
+    hit = xr.dot(sinks["gas"].reset_coords(drop=True).astype(np.float32), hot, dim="key") > 0
+    reduce = [d for d in ("sample", "step") if d in hit.dims]
+    return hit.where(hot.any("key")).mean(reduce).rename("gas_frequency")
+
+
+def sinks_by_layer(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "token") -> pd.DataFrame:
     """The per-layer summary: GAS tokens, their share of attention, and the literature criteria.
 
-    Columns (means over samples and steps): ``layer``, ``layer_kind``, ``gas`` (tokens found, each
-    with the share of (sample, step) pairs where it is a GAS), ``gas_share``, ``gas_count``,
-    ``gu_sink_heads``, and with hidden norms ``high_norm`` and ``massive`` (tokens per step).
-    When ``ds`` holds ``key_kind``, also ``top_kind`` and ``top_kind_share`` (:func:`mass_by_kind`).
+    Columns (means over samples and steps): ``layer``, ``layer_kind``, ``gas`` (the tokens found
+    as global attention sinks, grouped by what they are — ``by`` as in :func:`ratio_by_token` —
+    each with the share of (sample, step) pairs, among samples whose prompt holds it, in which
+    it is a GAS), ``gas_share``, ``gas_count``, ``gu_sink_heads``, and with hidden norms
+    ``high_norm`` and ``massive`` (tokens per step). When ``ds`` holds ``key_kind``, also
+    ``top_kind`` and ``top_kind_share`` (:func:`mass_by_kind`).
     """
     reduce = [d for d in ("sample", "step") if d in sinks["gas_share"].dims]
+    freq = gas_by_token(sinks, ds, by=by)
+    order = [str(g) for g in freq.group.values]
     table = xr.Dataset(
         {
             "gas_share": sinks["gas_share"].mean(reduce),
             "gas_count": sinks["gas_count"].mean(reduce),
             "gu_sink_heads": sinks["gu_sink_heads"].mean(reduce),
-            "gas_freq": sinks["gas"].mean(reduce),
+            "gas_freq": freq,
         }
     )
     for var in ("high_norm", "massive"):
@@ -280,15 +340,14 @@ def sinks_by_layer(sinks: xr.Dataset, ds: xr.Dataset | None = None) -> pd.DataFr
         table["top_kind_share"] = kinds.max("kind")
         table["top_kind"] = kinds.idxmax("kind")
     table = table.compute()
-    labels = first_sample(key_labels(ds if ds is not None else sinks))
     rows = []
     for i, layer in enumerate(table["layer"].values):
         freq = table["gas_freq"].values[i]
-        found = sorted(np.flatnonzero(freq > 0), key=lambda k: -freq[k])
+        found = sorted(np.flatnonzero(freq > 0), key=lambda g: -freq[g])
         row = {
             "layer": str(layer),
             "layer_kind": str(table["layer_kind"].values[i]) if "layer_kind" in table.coords else "",
-            "gas": ", ".join(f"{labels[k]}@{k} ({freq[k]:.0%})" for k in found),
+            "gas": ", ".join(f"{order[g]} ({freq[g]:.0%})" for g in found),
             "gas_share": float(table["gas_share"].values[i]),
             "gas_count": float(table["gas_count"].values[i]),
             "gu_sink_heads": float(table["gu_sink_heads"].values[i]),
@@ -303,46 +362,8 @@ def sinks_by_layer(sinks: xr.Dataset, ds: xr.Dataset | None = None) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def plot_sinks(sinks: xr.Dataset, ds: xr.Dataset | None = None):
-    """A plotly figure: sink ratio per layer × key (log colour scale) above the GAS share per layer.
+def plot_sinks(sinks: xr.Dataset, ds: xr.Dataset | None = None, *, by: str = "token"):
+    """The sink figure of :func:`attnlens.viz.figures.sink_figure` (a plotly ``Figure``)."""
+    from ..viz.figures import sink_figure
 
-    Returns a ``plotly.graph_objects.Figure``; save it with ``fig.write_html(path)``.
-    """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    reduce = [d for d in ("sample", "step") if d in sinks["gas_share"].dims]
-    ratio = sinks["ratio"].mean(["head", *reduce]).compute()
-    share = sinks["gas_share"].mean(reduce).compute()
-    labels = first_sample(key_labels(ds if ds is not None else sinks))
-    kinds = first_sample(sinks["key_kind"]).astype(str)
-    names = [f"{k}: {labels[k]}" for k in range(len(labels))]
-    fig = make_subplots(
-        rows=2,
-        cols=1,
-        row_heights=[0.7, 0.3],
-        vertical_spacing=0.12,
-        subplot_titles=(
-            "sink ratio r = N·α (mean over heads, samples, steps)",
-            "share of attention taken by GAS",
-        ),
-    )
-    text_first = np.argsort(kinds == IMAGE, kind="stable")  # text keys first: they are few and named
-    fig.add_trace(
-        go.Heatmap(
-            z=np.log10(np.maximum(ratio.values[:, text_first], 1e-3)),
-            x=[names[k] for k in text_first],
-            y=[str(v) for v in ratio["layer"].values],
-            colorscale="Viridis",
-            colorbar={"title": "log10 r", "len": 0.65, "y": 0.68},
-            hovertemplate="layer %{y}<br>%{x}<br>log10 r = %{z:.2f}<extra></extra>",
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Bar(x=[str(v) for v in share["layer"].values], y=share.values, name="GAS share"), row=2, col=1
-    )
-    fig.update_layout(title="attention sinks", height=800, showlegend=False)
-    fig.update_xaxes(showticklabels=False, row=1, col=1)
-    return fig
+    return sink_figure(sinks, ds, by=by)

@@ -7,22 +7,14 @@ frame, row by row; every adapter of :mod:`attnlens.models` that sees video uses
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from .base import CallLayout, pipeline_scale
+from .base import CallLayout
 
-__all__ = [
-    "VideoTokens",
-    "batched_cfg_rows",
-    "grid_from_coords",
-    "timestep_value",
-    "video_grid",
-    "video_layout",
-    "video_tokens",
-]
+__all__ = ["batched_cfg_rows", "grid_from_coords", "timestep_value", "video_grid", "video_layout"]
 
 
 def video_grid(frames: int, height: int, width: int) -> np.ndarray:
@@ -33,21 +25,6 @@ def video_grid(frames: int, height: int, width: int) -> np.ndarray:
     """
     f, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
     return np.stack([f.ravel(), y.ravel(), x.ravel()], axis=1).astype(np.int64)
-
-
-def video_tokens(
-    frames: int, height: int, width: int, *, spatial: int, temporal: int, patch: int, patch_t: int = 1
-) -> int:
-    """Video tokens of ``frames`` frames of ``height × width`` pixels: the VAE keeps the first frame and
-    one latent frame per ``temporal`` after it, ``spatial`` pixels per latent cell; the transformer
-    patches ``patch_t × patch × patch`` latent cells (padding the frames to whole patches).
-
-    >>> video_tokens(49, 480, 720, spatial=8, temporal=4, patch=2)  # CogVideoX-5b
-    17550
-    """
-    latent = (frames - 1) // temporal + 1
-    side = spatial * patch
-    return -(-latent // patch_t) * (height // side) * (width // side)
 
 
 def video_layout(given: dict[str, Any], grid: np.ndarray, **options: Any) -> CallLayout:
@@ -90,33 +67,6 @@ def timestep_value(timestep: Any) -> float:
     if t.ndim >= 2:
         return float(t[0].max().item())
     return float(t.flatten()[0].item())
-
-
-class VideoTokens:
-    """Mixin: :meth:`~attnlens.models.base.ModelAdapter.token_counts` of a video DiT over VAE latents.
-
-    Families name the pipeline attributes of their VAE's scale factors and their usual values.
-    """
-
-    vae_spatial: ClassVar[tuple[str, int]] = ("vae_scale_factor_spatial", 8)
-    vae_temporal: ClassVar[tuple[str, int]] = ("vae_scale_factor_temporal", 4)
-
-    def patch_sizes(self, transformer: Any) -> tuple[int, int]:
-        """``(patch, patch_t)``: latent cells per token side, latent frames per token."""
-        cfg = transformer.config
-        return cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
-
-    def token_counts(
-        self, transformer: Any, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        patch, patch_t = self.patch_sizes(transformer)
-        spatial, temporal = (
-            pipeline_scale(pipeline, *self.vae_spatial),
-            pipeline_scale(pipeline, *self.vae_temporal),
-        )
-        return text, video_tokens(
-            frames, height, width, spatial=spatial, temporal=temporal, patch=patch, patch_t=patch_t
-        )
 
 
 class SelfCrossAttention:
@@ -172,3 +122,23 @@ def batched_cfg_rows(pipeline: Any | None, hidden_states: torch.Tensor) -> tuple
     if guided and batch % 2 == 0 and torch.equal(hidden_states[:half], hidden_states[half:]):
         return ("uncond",) * half + ("cond",) * half
     return ("cond",) * batch
+
+
+def _channels(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel VAE statistics (``latents_mean``, ``latents_std``) as ``(1, C, 1, 1, 1)`` of ``like``."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+
+
+def text_inputs(pipeline: Any, prompt: str, max_sequence_length: int, *, masked: bool) -> dict[str, Any]:
+    """The text inputs of a video pipeline's ``encode_prompt`` without guidance: the embeddings, and
+    with ``masked`` the padding mask (Mochi, LTX)."""
+    encoded = pipeline.encode_prompt(
+        prompt,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+        device=pipeline.transformer.device,
+    )
+    inputs = {"encoder_hidden_states": encoded[0].to(pipeline.transformer.dtype)}
+    if masked:
+        inputs["encoder_attention_mask"] = encoded[1]
+    return inputs

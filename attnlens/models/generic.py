@@ -143,16 +143,6 @@ class GenericAdapter(ModelAdapter):
             "timestep_scale": "as passed to the transformer",
         }
 
-    def token_counts(
-        self, transformer: nn.Module, pipeline: Any | None, *, height: int, width: int, frames: int, text: int
-    ) -> tuple[int, int]:
-        from ..errors import UnsupportedModelError
-
-        raise UnsupportedModelError(
-            f"the generic adapter does not know how {type(transformer).__name__} turns pixels into tokens: "
-            "give plan(image_tokens=...)"
-        )
-
 
 def _attention_modules(transformer: nn.Module) -> list[tuple[str, nn.Module]]:
     """Attention modules in registration order, outermost only (no attention inside another)."""

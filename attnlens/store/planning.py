@@ -1,7 +1,7 @@
 """How many bytes a capture will write to a store, known before anything runs.
 
 The array bytes of every variable follow from the capture's spec and the model's token counts
-(each adapter's :meth:`~attnlens.models.base.ModelAdapter.token_counts`); chunks are never
+(:meth:`~attnlens.models.base.ModelAdapter.token_counts`, from the adapter's geometry); chunks are never
 padded (:mod:`.layout`) and uncompressed by default, so these are exact. What else a store
 holds is small and estimated: the token labels of each sample (variable-length strings), its
 record, and the metadata and coordinates written once (measured on an empty in-memory store
@@ -121,9 +121,9 @@ def plan(
     """The bytes a capture of ``model`` will write to a store, before it runs.
 
     Args:
-        model: a pipeline or transformer (its weights are not touched: a transformer on the
-            ``meta`` device will do), the name of an embedded model, or a local diffusers folder
-            (a pipeline's, or a transformer's with its ``config.json``).
+        model: a pipeline (its weights are not touched), the name of an embedded model, or a
+            local diffusers folder: a pipeline's (built from its configs on the ``meta`` device),
+            or a transformer's, which like a bare transformer needs ``image_tokens``.
         spec: a :class:`~attnlens.CaptureSpec`; or give its fields as keywords instead.
         steps: denoising steps of each sample.
         text_tokens: the prompt's tokens as encoded (e.g. FLUX's ``max_sequence_length``; SD3:
@@ -138,10 +138,9 @@ def plan(
         compression: its compression (sizes become upper bounds).
         storage_dtype: its storage dtype of probabilities.
 
-    >>> import attnlens
-    >>> from attnlens.testing import tiny_flux_transformer
-    >>> p = plan(tiny_flux_transformer(), keep="cross", heads="mean", height=64, width=96, steps=4,
-    ...          text_tokens=8, samples=10)
+    >>> from attnlens.testing import tiny_flux_pipeline
+    >>> pipe = tiny_flux_pipeline()  # its VAE: 2 pixels per latent cell, 4 per token
+    >>> p = plan(pipe, keep="cross", heads="mean", height=16, width=24, steps=4, text_tokens=8, samples=10)
     >>> p.image_tokens, p.variables["cross"]
     (24, ({'step': 4, 'layer': 2, 'head': 1, 'query': 24, 'key_text': 8}, 'float32'))
     >>> p.per_sample["cross"]  # 4 × 2 × 1 × 24 × 8 float32 values
@@ -157,9 +156,7 @@ def plan(
     if image_tokens is None:
         if height is None or width is None:
             raise ValueError("give height and width (pixels), or image_tokens")
-        n_text, n_image = adapter.token_counts(
-            transformer, pipeline, height=height, width=width, frames=frames, text=text_tokens
-        )
+        n_text, n_image = _token_counts(adapter, pipeline, name, height, width, frames, text_tokens)
     else:
         n_text, n_image = text_tokens, image_tokens
     if n_image < 1 or n_text < 1:
@@ -234,17 +231,37 @@ def _model(model: Any) -> tuple[Any, Any, Any, str]:
         if text in zoo.available():
             adapter, transformer, pipeline = resolve_model(zoo.load(text))
             return adapter, transformer, pipeline, text
-        transformer, pipeline = _from_folder(text)
-        adapter, transformer, _ = resolve_model(transformer)
+        adapter, transformer, pipeline = resolve_model(_from_folder(text))
         return adapter, transformer, pipeline, type(transformer).__name__
     adapter, transformer, pipeline = resolve_model(model)
     return adapter, transformer, pipeline, type(transformer).__name__
 
 
-def _from_folder(folder: str) -> tuple[Any, Any]:
-    """A diffusers folder's transformer on the ``meta`` device (no weights read), its VAE's scale factors."""
-    import types
+def _token_counts(
+    adapter: Any, pipeline: Any, name: str, height: int, width: int, frames: int, text: int
+) -> tuple[int, int]:
+    """The adapter's token counts for ``pipeline``; its VAE and patches say how pixels become tokens."""
+    from ..zoo.shapes import ShapesPipeline
 
+    if isinstance(pipeline, ShapesPipeline):  # attnlens' embedded models patch pixels: no VAE
+        side = pipeline.config.patch
+        return text, (height // side) * (width // side)
+    if pipeline is None:
+        raise UnsupportedModelError(
+            f"a bare {name} does not say how pixels become tokens (its pipeline's VAE does): give the "
+            "pipeline, the pipeline's folder, or plan(image_tokens=...)"
+        )
+    try:
+        return adapter.token_counts(pipeline, height=height, width=width, frames=frames, text=text)
+    except (AttributeError, UnsupportedModelError) as exc:
+        raise UnsupportedModelError(
+            f"{name}: cannot tell how pixels become tokens ({exc}); give plan(image_tokens=...)"
+        ) from exc
+
+
+def _from_folder(folder: str) -> Any:
+    """A diffusers folder's pipeline (or transformer), built from its configs on the ``meta`` device:
+    no weights are read; the pipeline class itself derives its VAE's scale factors."""
     import diffusers
     import torch
 
@@ -255,30 +272,31 @@ def _from_folder(folder: str) -> tuple[Any, Any]:
         except FileNotFoundError:
             return None
 
+    def meta(cls_name: str, path: str) -> Any:
+        found, cls = config(os.path.join(path, "config.json")), getattr(diffusers, str(cls_name), None)
+        if found is None or cls is None:
+            return None
+        with torch.device("meta"):
+            return cls.from_config(found)
+
     index = config(os.path.join(folder, "model_index.json"))
-    transformer_dir = os.path.join(folder, "transformer") if index is not None else folder
-    found = config(os.path.join(transformer_dir, "config.json"))
-    cls = getattr(diffusers, str((found or {}).get("_class_name")), None)
-    if found is None or cls is None:
-        raise UnsupportedModelError(
-            f"{folder} holds no diffusers pipeline (model_index.json) or transformer (config.json with a "
-            f"_class_name diffusers knows); give an embedded model ({choices(_zoo())}) or a model object"
-        )
-    with torch.device("meta"):
-        transformer = cls.from_config(found)
-    vae = config(os.path.join(folder, "vae", "config.json")) or {}
-    scales = {}
-    if "block_out_channels" in vae:
-        scales["vae_scale_factor"] = scales["vae_scale_factor_spatial"] = 2 ** (
-            len(vae["block_out_channels"]) - 1
-        )
-    if "scale_factor_spatial" in vae:  # Wan
-        scales["vae_scale_factor_spatial"] = vae["scale_factor_spatial"]
-        scales["vae_scale_factor_temporal"] = vae["scale_factor_temporal"]
-    if "spatial_compression_ratio" in vae:  # LTX
-        scales["vae_spatial_compression_ratio"] = vae["spatial_compression_ratio"]
-        scales["vae_temporal_compression_ratio"] = vae.get("temporal_compression_ratio", 8)
-    return transformer, types.SimpleNamespace(**scales) if index is not None else None
+    if index is None:
+        transformer = meta((config(os.path.join(folder, "config.json")) or {}).get("_class_name"), folder)
+        if transformer is None:
+            raise UnsupportedModelError(
+                f"{folder} holds no diffusers pipeline (model_index.json) or transformer (config.json with a "
+                f"_class_name diffusers knows); give an embedded model ({choices(_zoo())}) or a model object"
+            )
+        return transformer
+    parts = {}
+    for part, spec in index.items():
+        if part.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue
+        if part.startswith("scheduler"):
+            parts[part] = getattr(diffusers, spec[1]).from_pretrained(os.path.join(folder, part))
+        else:  # text encoders and tokenizers are not needed to count tokens
+            parts[part] = meta(spec[1], os.path.join(folder, part)) if spec[0] == "diffusers" else None
+    return getattr(diffusers, index["_class_name"])(**parts)
 
 
 def _zoo() -> list[str]:
