@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from . import zoo
 from .analysis import find_sinks, mass_by_kind, plot_sinks, sinks_by_layer
+from .capture import capture
 from .datasets import shapesref
 from .refam import segment
 from .refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise
 from .report import Report
-from .session import capture
 from .store import open_store
 
 __all__ = ["DemoResult", "run", "token_mass"]
