@@ -36,7 +36,7 @@ __all__ = ["Grouping", "Run", "branch_groups", "rows_of"]
 Branches = list[tuple[str, torch.Tensor | None]]
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: two runs over the same layout are two samples
 class Run:
     """Forwards that belong together: one pass of a sampler (or one bare call) over a batch.
 
@@ -121,7 +121,7 @@ class Grouping:
             and not any(key in run.seen for key in keys)
             and not run.layout.same_tokens(layout)
         ):
-            first = run.steps[0].branch if run.steps else "first"
+            first = ", ".join(sorted({b for seen_t, b in run.seen if seen_t == t}))
             warnings.warn(
                 f"the {', '.join(name for name, _ in groups)} forwards see {len(layout.text)} text tokens, "
                 f"the {first} ones {len(run.layout.text)}: they are not captured (a Dataset holds one token "

@@ -32,8 +32,12 @@ from . import kernels
 
 __all__ = ["FullSink", "Redirect", "attention_slices", "incoming_mass", "placed_slices", "recompute"]
 
-#: the paths a normaliser can come from, as the Dataset's ``capture_paths`` attribute names them
+#: where a normaliser came from when no kernel gave it, as the Dataset's ``capture_paths`` names it
 RECOMPUTE = "recompute"
+#: ``key_mass`` summed by one pass over the query rows, given the kernel's ``lse``
+ROWS_PASS = "pass over rows"
+#: devices on which :func:`incoming_mass` makes one reverse kernel call by default (elsewhere: the pass)
+REVERSE_CALL_DEVICES = ("cuda",)
 
 
 class FullSink(Protocol):
@@ -108,6 +112,7 @@ def attention_slices(
     key_image: torch.Tensor | None = None,
     full: FullSink | None = None,
     redirect: Redirect | None = None,
+    reverse: bool | None = None,
     paths: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Attention probabilities restricted to what ``keep`` asks for, without an ``N × N`` matrix.
@@ -131,8 +136,9 @@ def attention_slices(
         full: where the rows of ``full`` go (default: a new tensor, returned as ``"full"``).
         redirect: the linear edit of a redirect intervention, applied per head before the
             reduction.
+        reverse: how :func:`incoming_mass` sums ``key_mass`` from ``lse`` (default: by device).
         paths: filled with where the normalisers came from: ``{"lse": "kernel" | "recompute",
-            "key_mass": "reverse call:<kernel>" | "recompute"}``.
+            "key_mass": "reverse call:<kernel>" | "pass over rows" | "recompute"}``.
 
     Returns:
         float32 tensors: ``cross`` ``(batch, head, query, key_text)``; ``text_to_image``
@@ -201,10 +207,18 @@ def attention_slices(
     heads_out = 1 if reduction is not None else n_heads
     blocks = {"cross": (image, text_cols), "text_to_image": (text, image_cols)}
     for name, (rows, cols) in blocks.items():
-        if name in keep:
+        if name not in keep:
+            continue
+        for local, values in _blocks(query, key, lse, mask, scale, rows, cols, chunk_bytes):
+            values = edited(values, rows[local], cols)
+            if local == slice(0, len(rows)):  # one chunk: its probabilities are the result, no copy
+                out[name] = values
+                continue
+            if name not in out:
+                out[name] = query.new_empty(batch, heads_out, len(rows), len(cols), dtype=torch.float32)
+            out[name][:, :, local] = values
+        if name not in out:  # no rows or no columns
             out[name] = query.new_empty(batch, heads_out, len(rows), len(cols), dtype=torch.float32)
-            for local, values in _blocks(query, key, lse, mask, scale, rows, cols, chunk_bytes):
-                out[name][:, :, local] = edited(values, rows[local], cols)
     if "full" in keep:
         sink = full
         if sink is None:
@@ -216,7 +230,7 @@ def attention_slices(
     if "key_mass" in keep:
         if mass is None:
             mass, mass_path = incoming_mass(
-                query, key, lse, scale=scale, attn_mask=mask, chunk_bytes=chunk_bytes
+                query, key, lse, scale=scale, attn_mask=mask, chunk_bytes=chunk_bytes, reverse=reverse
             )
         mass = mass / attends.sum(-1, keepdim=True).clamp(min=1)
         if redirect is not None:
@@ -289,21 +303,53 @@ def incoming_mass(
     scale: float,
     attn_mask: torch.Tensor | None = None,
     chunk_bytes: int = 64 * 2**20,
+    reverse: bool | None = None,
 ) -> tuple[torch.Tensor, str]:
-    """``Σ_q P[q, k]`` ``(batch, heads, key)`` from one reverse kernel call, and the path it took.
+    """``Σ_q P[q, k]`` ``(batch, heads, key)`` given the normaliser ``lse``, and the path it took.
 
-    The reverse call attends from the keys to the queries with ``−lse_q`` added to the logits
-    of query ``q``: its log-sum-exp is ``lse′_k = log Σ_q exp(q·k·s + mask[q, k] − lse_q)``.
-    A mask that depends on the key only (padding) is a factor ``exp(mask[k])`` outside the sum;
-    one that depends on the query only joins the bias; a full mask is passed transposed. In
-    float32 the bias is an additive mask; in half precision (where a mask would round it) it
-    rides on three extra head-dim columns, ``hi + mid + lo`` in the query's dtype, which the
-    kernel multiplies by 1 and sums in float32. Without a fused kernel, a chunked pass sums
-    the mass instead (path ``"recompute"``).
+    Two exact ways, chosen by ``reverse`` (default: the reverse call on a GPU, the pass on a
+    CPU, where it is the faster, as ``benchmarks/capture_overhead.py`` measures):
+
+    - one *reverse* kernel call attends from the keys to the queries with ``−lse_q`` added to
+      the logits of query ``q``; its log-sum-exp is ``lse′_k = log Σ_q exp(q·k·s + mask[q, k]
+      − lse_q)`` (path ``"reverse call:<kernel>"``). A mask that depends on the key only
+      (padding) is a factor ``exp(mask[k])`` outside the sum; one that depends on the query
+      only joins the bias; a full mask is passed transposed. In single or double precision
+      the bias is an additive mask; in half precision, where a mask would round it, it rides
+      on three extra head-dim columns, ``hi + mid + lo`` in the query's dtype, which the
+      kernel multiplies by 1 and sums in float32. Where no fused kernel takes the call, the
+      pass runs instead.
+    - one pass over chunks of query rows sums ``exp(q·k·s − lse_q)``: a matrix product with
+      ``−lse`` as its initial value, and an exponential (path ``"pass over rows"``). Unlike the
+      kernel it skips the product with the values, half of an attention call's arithmetic.
 
     ``lse`` is ``+inf`` on rows masked out everywhere; they add nothing.
+
+    >>> q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    >>> lse = torch.logsumexp(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    >>> by_pass, path = incoming_mass(q, k, lse, scale=8**-0.5, reverse=False)
+    >>> by_call, kernel = incoming_mass(q, k, lse, scale=8**-0.5, reverse=True)
+    >>> path, kernel, bool(torch.allclose(by_pass, by_call, atol=1e-5))
+    ('pass over rows', 'reverse call:flash_attention_for_cpu', True)
+    >>> bool(torch.allclose(by_pass.sum(-1), torch.tensor(6.0)))  # each of the 6 query rows gives 1 in all
+    True
     """
     mask = _mask4(attn_mask)
+    if reverse is None:
+        reverse = query.device.type in REVERSE_CALL_DEVICES
+    found = _reverse_call(query, key, lse, scale, mask) if reverse else None
+    if found is not None:
+        return found
+    total = query.new_zeros(*query.shape[:2], key.shape[2], dtype=torch.float32)
+    for _, values in _blocks(query, key, lse, mask, scale, None, None, chunk_bytes):
+        total += values.sum(dim=2)
+    return total, ROWS_PASS
+
+
+def _reverse_call(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, str] | None:
+    """:func:`incoming_mass` by one reverse kernel call, or ``None`` where no kernel takes it."""
     attends = torch.isfinite(lse)
     key_part = query_part = full = None
     if mask is not None:
@@ -316,22 +362,18 @@ def incoming_mass(
             full = additive
     bias = -lse if query_part is None else query_part.float() - lse
     bias = torch.where(attends, bias, torch.full_like(bias, -1e4)).nan_to_num_(neginf=-1e4)
-    found = None
     if query.dtype in (torch.float32, torch.float64) and full is None:
         found = kernels.logsumexp(key, query, bias[:, :, None, :].to(query.dtype), scale=scale)
-    elif query.is_floating_point():
+    else:
         found = _with_bias_columns(query, key, bias, scale, full)
     if found is None:
-        _, total = recompute(
-            query, key, scale=scale, attn_mask=mask, chunk_bytes=chunk_bytes, lse=lse, mass=True
-        )
-        return total, RECOMPUTE
+        return None
     lse_rev, name = found
     if key_part is not None:
         lse_rev = lse_rev + key_part.float()
     if full is not None:  # a key no query may attend to has no mass (the kernel's lse of an empty row is 0)
         lse_rev = lse_rev.masked_fill(~(full > float("-inf")).any(dim=2), float("-inf"))
-    return lse_rev.exp(), f"reverse call:{name}"
+    return lse_rev.float().exp(), f"reverse call:{name}"
 
 
 def placed_slices(
@@ -423,10 +465,16 @@ def _blocks(
 
     ``rows``/``cols`` are positions among the call's queries/keys (``None``: all of them).
     """
-    row_index = _index(rows)
-    k_t = key[:, :, _index(cols)].float().transpose(-1, -2)
+    batch, n_heads, _, dim = query.shape
     n_rows = query.shape[2] if rows is None else len(rows)
-    chunk = _rows_per_chunk(chunk_bytes, query.shape[0] * query.shape[1] * k_t.shape[-1])
+    n_cols = key.shape[2] if cols is None else len(cols)
+    if not n_rows or not n_cols:
+        return
+    row_index = _index(rows)
+    k_t = key[:, :, _index(cols)].float().transpose(-1, -2).reshape(batch * n_heads, dim, n_cols)
+    neg_lse = lse.neg()
+    # one float32 temporary per element: the logits, turned into probabilities in place
+    chunk = max(1, chunk_bytes // (4 * batch * n_heads * n_cols))
     for start in range(0, n_rows, chunk):
         local = slice(start, min(start + chunk, n_rows))
         if isinstance(row_index, slice):  # contiguous rows: views, no copies
@@ -434,9 +482,11 @@ def _blocks(
             here: slice | torch.Tensor = slice(first + local.start, first + local.stop)
         else:
             here = row_index[local]
-        logits = torch.matmul(query[:, :, here].float(), k_t).mul_(scale)
-        logits = _masked(logits, mask, here, cols)
-        yield local, logits.sub_(lse[:, :, here, None]).exp_()
+        q_s = query[:, :, here].float().mul(scale).reshape(batch * n_heads, -1, dim)
+        # q·k·s − lse in one matrix product: the normaliser rides in as the product's initial value
+        logits = torch.baddbmm(neg_lse[:, :, here].reshape(batch * n_heads, -1, 1), q_s, k_t)
+        logits = _masked(logits.view(batch, n_heads, -1, n_cols), mask, here, cols)
+        yield local, logits.exp_()
 
 
 def _with_bias_columns(

@@ -346,7 +346,7 @@ def test_outputs_are_identical_with_and_without_capture(family):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_probabilities_equal_an_eager_softmax(family, monkeypatch):
+def test_probabilities_equal_an_eager_softmax(family, monkeypatch, normaliser_path):
     fam = FAMILIES[family]
     model, inputs = fam.build()
     oracle = Oracle(monkeypatch, fam, model)
@@ -367,6 +367,7 @@ def test_probabilities_equal_an_eager_softmax(family, monkeypatch):
     has_row = ~np.isnan(ds.full.values).all(axis=-1)
     np.testing.assert_allclose(sums[has_row], 1.0, atol=ATOL)
     assert np.isfinite(ds.hidden_norm.values[..., video]).all()
+    assert ds.attrs["capture_paths"] == normaliser_path
 
 
 @pytest.mark.parametrize("family", ["ltx", "wan"])
