@@ -1,153 +1,197 @@
-"""Capture overhead on FLUX: plain forward vs attnlens capture vs an eager softmax capture.
+"""Capture overhead on the CPU at FLUX.1's head size: plain vs attnlens vs the recompute and eager ways.
 
-Measured side by side in one run, variants interleaved so that machine noise hits all alike:
+A FLUX-architecture transformer (1 double + 2 single blocks, 8 heads × 128, random weights,
+float32) over 48 × 48 = 2304 image + 512 text tokens. Variants run interleaved, repeat by
+repeat, so that the load of other processes hits all alike; each is reported as the median
+of its per-repeat ratios to ``plain``:
 
-- ``plain``: the forward, no hooks;
-- ``cross``: ``attnlens.capture(keep="cross")`` (log-sum-exp, chunked);
-- ``cross+key_mass``: also the mean incoming attention of every key;
-- ``eager``: the textbook way, ``softmax(QKᵀ/√d)`` materialised per layer, then sliced to the
-  same image→text block.
+- ``cross``: ``attnlens.capture(keep="cross")``, every head: the kernel's log-sum-exp, then
+  ``exp(q·k·s − lse)`` over the image → text block only;
+- ``cross+key_mass``: also the mean incoming attention of every key, by one pass over the
+  rows (the CPU default) or by one reverse kernel call (the GPU default);
+- ``… (recompute)``: the same with the kernel's log-sum-exp withheld, as with an attention
+  backend that returns none: a chunked pass recomputes it (what attnlens did before);
+- ``eager``: the textbook way, ``softmax(QKᵀ/√d)`` materialised per call, sliced.
 
-On the CPU a scaled-down FLUX config runs; with CUDA, the FLUX.1-dev architecture (19 double +
-38 single blocks, 24 heads × 128) at 1024² (4096 image + 512 text tokens) in bf16, random
-weights. Results go to BENCHMARKS.md.
+Then ``full`` to a store: the probabilities of every query row, computed in chunks, against
+the speed at which the store writes them.
 
-    python benchmarks/capture_overhead.py [--repeats 5]
+    python benchmarks/capture_overhead.py [--repeats 7]
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import os
+import shutil
 import statistics
-import time
-from contextlib import contextmanager
+import tempfile
+from pathlib import Path
 
 import torch
 from _report import machine, write_section
+from gpu_capture import EagerCapture, _timed
 
 import attnlens
+from attnlens import kernels, probs
+from attnlens.store import StoreWriter
 from attnlens.testing import flux_inputs, tiny_flux_transformer
 
-CPU_CONFIG = dict(
-    num_layers=4,
-    num_single_layers=8,
-    attention_head_dim=64,
+CONFIG = dict(
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=128,
     num_attention_heads=8,
     joint_attention_dim=256,
     pooled_projection_dim=64,
-    axes_dims_rope=[16, 24, 24],
-)
-FLUX_DEV = dict(
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
     axes_dims_rope=[16, 56, 56],
-    in_channels=64,
-    guidance_embeds=True,
 )
+SIDE, TEXT = 48, 512
+BARS = {"cross": 1.05, "cross+key_mass (pass over rows)": 1.5}
 
 
-@contextmanager
-def eager_capture():
-    """Capture the image→text block the textbook way: the dense softmax of every layer."""
-    import diffusers.models.transformers.transformer_flux as module
+class _Withheld:
+    """No kernel log-sum-exp: SDPA runs itself and attnlens recomputes the normaliser."""
 
-    original = module.dispatch_attention_fn
-    kept = []
+    def __enter__(self) -> None:
+        self.saved = kernels._KERNELS
+        kernels._KERNELS = {}
 
-    def dispatch(query, key, value, *args, **kwargs):
-        q, k = query.transpose(1, 2), key.transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1]), dim=-1)
-        n_text = probs.shape[-1] - n_image[0]
-        kept.append(probs[:, :, n_text:, :n_text].to("cpu", non_blocking=True))
-        return original(query, key, value, *args, **kwargs)
-
-    n_image = [0]
-    module.dispatch_attention_fn = dispatch
-    try:
-        yield n_image
-    finally:
-        module.dispatch_attention_fn = original
+    def __exit__(self, *exc: object) -> None:
+        kernels._KERNELS = self.saved
 
 
-def run(config: dict, side: int, text_len: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
-    model = tiny_flux_transformer(**config).to(device, dtype)
-    inputs = {
-        k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-        for k, v in flux_inputs(model, height=side, width=side, text_len=text_len).items()
-    }
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+class _Reverse:
+    """key_mass by one reverse kernel call on the CPU too."""
 
-    def plain():
-        model(**inputs)
+    def __enter__(self) -> None:
+        self.saved = probs.REVERSE_CALL_DEVICES
+        probs.REVERSE_CALL_DEVICES = ("cpu", "cuda")
 
-    def capture(keep):
-        def go():
-            with attnlens.capture(model, keep=keep, heads="all"):
+    def __exit__(self, *exc: object) -> None:
+        probs.REVERSE_CALL_DEVICES = self.saved
+
+
+def overhead(repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    model = tiny_flux_transformer(**CONFIG)
+    inputs = flux_inputs(model, height=SIDE, width=SIDE, text_len=TEXT)
+    last: dict[str, attnlens.Capture] = {}
+
+    def capture(keep: tuple[str, ...], context: type | None = None):
+        def run() -> None:
+            with (
+                context() if context else contextlib.nullcontext(),
+                attnlens.capture(model, keep=keep) as cap,
+            ):
                 model(**inputs)
+            last[name_of[run]] = cap  # its Dataset is assembled after the clock stops
 
-        return go
+        return run
 
-    def eager():
-        with eager_capture() as n_image:
-            n_image[0] = side * side
+    def eager() -> None:
+        with EagerCapture(
+            lambda n_key: (slice(TEXT, None), slice(0, TEXT)) if n_key == SIDE**2 + TEXT else None
+        ):
             model(**inputs)
 
     variants = {
-        "plain": plain,
-        "cross": capture("cross"),
-        "cross+key_mass": capture(("cross", "key_mass")),
+        "plain": lambda: model(**inputs),
+        "cross": capture(("cross",)),
+        "cross+key_mass (pass over rows)": capture(("cross", "key_mass")),
+        "cross+key_mass (reverse call)": capture(("cross", "key_mass"), _Reverse),
+        "cross (recompute)": capture(("cross",), _Withheld),
+        "cross+key_mass (recompute)": capture(("cross", "key_mass"), _Withheld),
         "eager": eager,
     }
-    times = {name: [] for name in variants}
+    name_of = {fn: name for name, fn in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         for fn in variants.values():  # warm-up
             fn()
         for _ in range(repeats):
             for name, fn in variants.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                with _timed(False) as elapsed:
+                    fn()
+                times[name].append(elapsed())
+    paths = {
+        name: ", ".join(f"{var}: {'/'.join(p)}" for var, p in cap.result.attrs["capture_paths"].items())
+        for name, cap in last.items()
+    }
+    return times, paths
 
 
-def table(title: str, result: dict) -> str:
-    base = result["plain"]
-    rows = [f"| {name} | {seconds:.3f} | {seconds / base:.2f}× |" for name, seconds in result.items()]
-    return "\n".join([f"**{title}**", "", "| variant | median s | vs plain |", "|---|---:|---:|", *rows])
+def full_to_store(repeats: int) -> dict[str, float]:
+    """Seconds of: a plain forward; ``full`` captured in memory; its Dataset written; ``full`` to a store."""
+    model = tiny_flux_transformer(**CONFIG)
+    inputs = flux_inputs(model, height=32, width=32, text_len=128)
+    workdir = Path(tempfile.mkdtemp(prefix="attnlens-full-"))
+    times: dict[str, list[float]] = {"plain": [], "in memory": [], "write": [], "to store": []}
+    nbytes = 0
+    try:
+        with torch.no_grad():
+            for i in range(repeats + 1):  # the first round warms up
+                with _timed(False) as plain:
+                    model(**inputs)
+                with _timed(False) as in_memory, attnlens.capture(model, keep="full") as cap:
+                    model(**inputs)
+                ds = cap.result
+                nbytes = int(ds.full.nbytes)
+                with _timed(False) as write:
+                    writer = StoreWriter(str(workdir / f"write-{i}.zarr"))
+                    writer.submit(None, lambda ds=ds: ds)
+                    writer.close()
+                path = workdir / f"capture-{i}.zarr"
+                with _timed(False) as to_store, attnlens.capture(model, keep="full", store=path):
+                    model(**inputs)
+                if i:
+                    for name, elapsed in zip(times, (plain, in_memory, write, to_store), strict=True):
+                        times[name].append(elapsed())
+                for path in workdir.iterdir():
+                    shutil.rmtree(path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    out["math"] = statistics.median(m - p for m, p in zip(times["in memory"], times["plain"], strict=True))
+    out["mb"] = nbytes / 1e6
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    sections = []
-    cpu = run(CPU_CONFIG, side=32, text_len=128, device="cpu", dtype=torch.float32, repeats=args.repeats)
-    sections.append(
-        table(
-            "CPU, FLUX-shaped 4 double + 8 single blocks, 8 heads × 64, 1024 image + 128 text tokens, fp32",
-            cpu,
+    load = os.getloadavg()[0]
+    times, paths = overhead(args.repeats)
+    rows = []
+    for name, ts in times.items():
+        ratios = [t / p for t, p in zip(ts, times["plain"], strict=True)]
+        bar = f"≤ {BARS[name]:.2f}×" if name in BARS else ""
+        rows.append(
+            f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ratios):.3f}× | "
+            f"{min(ratios):.2f}–{max(ratios):.2f} | {bar} | {paths.get(name, '')} |"
         )
-    )
-    if torch.cuda.is_available():
-        gpu = run(FLUX_DEV, side=64, text_len=512, device="cuda", dtype=torch.bfloat16, repeats=args.repeats)
-        sections.append(
-            table("GPU, FLUX.1-dev architecture, 1024² (4096 image + 512 text tokens), bf16", gpu)
-        )
-    else:
-        sections.append("No GPU was present for this run: the FLUX.1-dev-scale measurement is not included.")
-    body = "\n\n".join(
+    full = full_to_store(max(3, args.repeats // 2))
+    mb, math_s, write_s = full["mb"], full["math"], full["write"]
+    body = "\n".join(
         [
             "## Capture overhead (`benchmarks/capture_overhead.py`)",
-            f"Machine: {machine()}.",
-            f"Median of {args.repeats} interleaved repeats.",
-            *sections,
+            "",
+            f"Machine: {machine()}; load average {load:.1f} at the start (other processes shared the "
+            f"cores). FLUX architecture, 1 double + 2 single blocks, 8 heads × 128, {SIDE}×{SIDE} = "
+            f"{SIDE * SIDE} image + {TEXT} text tokens, float32, every head kept. {args.repeats} repeats, "
+            "variants interleaved; the ratio is the median of per-repeat ratios to `plain` (their range "
+            "beside it).",
+            "",
+            "| variant | median s | vs plain | range | bar | normaliser (capture_paths) |",
+            "|---|---:|---:|---|---|---|",
+            *rows,
+            "",
+            f"**`full` to a store** (1152 tokens, {mb:.0f} MB of probabilities per forward, local disk, "
+            f"default zstd): the math adds {math_s:.2f} s to a {full['plain']:.2f} s forward "
+            f"({mb / max(math_s, 1e-9):.0f} MB/s); the store writes the same Dataset in {write_s:.2f} s "
+            f"({mb / write_s:.0f} MB/s); capture to the store, end to end: {full['to store']:.2f} s "
+            f"(forward + math + write: {full['plain'] + math_s + write_s:.2f} s).",
         ]
     )
     print(body)
