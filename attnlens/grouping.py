@@ -164,8 +164,8 @@ def branch_groups(rows: tuple[str, ...] | None, branch: str, batch: int) -> Bran
     row belongs to ``branch`` (the one the hooks report).
 
     >>> groups = branch_groups(("uncond", "uncond", "cond", "cond"), "cond", 4)
-    >>> [(name, rows.tolist()) for name, rows in groups]
-    [('cond', [2, 3]), ('uncond', [0, 1])]
+    >>> {name: rows.tolist() for name, rows in groups}  # cond first
+    {'cond': [2, 3], 'uncond': [0, 1]}
     >>> branch_groups(None, "uncond", 2)
     [('uncond', None)]
     """

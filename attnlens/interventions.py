@@ -268,7 +268,8 @@ def intervened_attention(
         onto: ``(batch, key)`` bool, the keys ``O`` that receive it (redirect), disjoint from
             ``drop``; ``None`` renormalises instead (suppress).
         attn_mask: the call's own SDPA mask, boolean (True = attend) or additive.
-        scale, is_causal: as SDPA takes them.
+        scale: logit scale, default ``1/sqrt(head_dim)``.
+        is_causal: as SDPA takes it.
 
     Returns:
         ``(output, lse)``: ``(batch, heads, query, value_dim)`` in ``value``'s dtype, and the

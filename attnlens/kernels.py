@@ -72,7 +72,11 @@ def attention(
         query: ``(batch, heads, query, head_dim)``, as ``F.scaled_dot_product_attention`` takes it.
         key: ``(batch, heads, key, head_dim)``.
         value: ``(batch, heads, key, value_dim)``.
-        attn_mask, dropout_p, is_causal, scale, enable_gqa: as SDPA takes them.
+        attn_mask: SDPA's mask, boolean (True = attend) or additive.
+        dropout_p: as SDPA takes it (any dropout: SDPA runs itself).
+        is_causal: as SDPA takes it.
+        scale: logit scale, default ``1/sqrt(head_dim)``.
+        enable_gqa: as SDPA takes it (grouped key heads: SDPA runs itself).
 
     Returns:
         ``(output, lse, kernel)``: SDPA's output ``(batch, heads, query, value_dim)``; the

@@ -46,7 +46,9 @@ class Recorder:
     """Listener of a :class:`~attnlens.hooks.HookRegistry`: what one capture keeps.
 
     Args:
-        adapter, transformer, pipeline: the model, as :func:`attnlens.models.registry.resolve` splits it.
+        adapter: the model family's adapter.
+        transformer: the transformer whose forwards are captured.
+        pipeline: its pipeline, or ``None`` for a bare transformer.
         spec: what is kept.
         layers: the captured layers.
         labels: token labels given by the user (bare transformers).
