@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 __all__ = ["KernelMismatchWarning", "attention", "logsumexp"]
 
-# the function itself: a wrapper installed over F.scaled_dot_product_attention (attnlens' own
-# interception, a test's oracle) must not see the reference calls made here
+# the function itself, taken before anything wraps F.scaled_dot_product_attention (a test's oracle,
+# another tool): attnlens' interception recognises it, and its reference calls bypass the wrappers
 _SDPA = F.scaled_dot_product_attention
 
 #: SDPA's backends, as torch._fused_sdp_choice numbers them (torch.nn.attention.SDPBackend)

@@ -242,7 +242,7 @@ def attention_slices(
         out["key_mass"] = _reduce(mass, reduction)
     if paths is not None:
         paths["lse"] = lse_path
-        if mass_path is not None:
+        if "key_mass" in keep:
             paths["key_mass"] = mass_path
     return out
 

@@ -27,6 +27,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +74,8 @@ class _Reverse:
         probs.REVERSE_CALL_DEVICES = self.saved
 
 
-def overhead(repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+def overhead(repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str]]:
+    """Per variant: wall seconds and CPU seconds of each repeat; the normaliser paths each took."""
     model = tiny_flux_transformer(**CONFIG)
     inputs = flux_inputs(model, height=SIDE, width=SIDE, text_len=TEXT)
     last: dict[str, attnlens.Capture] = {}
@@ -106,19 +108,21 @@ def overhead(repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
     }
     name_of = {fn: name for name, fn in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         for fn in variants.values():  # warm-up
             fn()
         for _ in range(repeats):
             for name, fn in variants.items():
-                with _timed(False) as elapsed:
+                with _timed(False) as elapsed, _timed(False, time.process_time) as used:
                     fn()
                 times[name].append(elapsed())
+                cpu[name].append(used())
     paths = {
         name: ", ".join(f"{var}: {'/'.join(p)}" for var, p in cap.result.attrs["capture_paths"].items())
         for name, cap in last.items()
     }
-    return times, paths
+    return times, cpu, paths
 
 
 def full_to_store(repeats: int) -> dict[str, float]:
@@ -162,14 +166,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    times, paths = overhead(args.repeats)
+    times, cpu, paths = overhead(args.repeats)
     rows = []
     for name, ts in times.items():
-        ratios = [t / p for t, p in zip(ts, times["plain"], strict=True)]
+        wall = [t / p for t, p in zip(ts, times["plain"], strict=True)]
+        used = [t / p for t, p in zip(cpu[name], cpu["plain"], strict=True)]
         bar = f"≤ {BARS[name]:.2f}×" if name in BARS else ""
         rows.append(
-            f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ratios):.3f}× | "
-            f"{min(ratios):.2f}–{max(ratios):.2f} | {bar} | {paths.get(name, '')} |"
+            f"| {name} | {statistics.median(cpu[name]):.2f} | {statistics.median(used):.3f}× | "
+            f"{min(used):.2f}–{max(used):.2f} | {statistics.median(wall):.3f}× | {bar} | "
+            f"{paths.get(name, '')} |"
         )
     full = full_to_store(max(3, args.repeats // 2))
     mb, math_s, write_s = full["mb"], full["math"], full["write"]
@@ -179,12 +185,13 @@ def main() -> None:
             "",
             f"Machine: {machine()}; load average {load:.1f} at the start (other processes shared the "
             f"cores). FLUX architecture, 1 double + 2 single blocks, 8 heads × 128, {SIDE}×{SIDE} = "
-            f"{SIDE * SIDE} image + {TEXT} text tokens, float32, every head kept. {args.repeats} repeats, "
-            "variants interleaved; the ratio is the median of per-repeat ratios to `plain` (their range "
-            "beside it).",
+            f"{SIDE * SIDE} image + {TEXT} text tokens, float32, every head kept, torch on "
+            f"{torch.get_num_threads()} threads. {args.repeats} repeats, variants interleaved. A ratio is "
+            "the median of per-repeat ratios to `plain`; on this shared machine the process's CPU time "
+            "measures the work (its range beside it), wall time follows the other processes' load.",
             "",
-            "| variant | median s | vs plain | range | bar | normaliser (capture_paths) |",
-            "|---|---:|---:|---|---|---|",
+            "| variant | median CPU s | vs plain (CPU) | range | vs plain (wall) | bar | capture_paths |",
+            "|---|---:|---:|---|---:|---|---|",
             *rows,
             "",
             f"**`full` to a store** (1152 tokens, {mb:.0f} MB of probabilities per forward, local disk, "

@@ -274,16 +274,17 @@ def measure(workload: Workload, device: str, dtype: torch.dtype, repeats: int) -
 
 
 @contextlib.contextmanager
-def _timed(cuda: bool) -> Iterator[Callable[[], float]]:
+def _timed(cuda: bool, clock: Callable[[], float] = time.perf_counter) -> Iterator[Callable[[], float]]:
+    """Seconds of the block by ``clock``: wall time, or the process's CPU time on a shared machine."""
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start = clock()
     end: list[float] = []
     yield lambda: end[0] - start
     if cuda:
         torch.cuda.synchronize()
-    end.append(time.perf_counter())
+    end.append(clock())
 
 
 def table(title: str, result: dict[str, dict[str, float]], goals: bool) -> str:
