@@ -125,6 +125,30 @@ def overhead(repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float
     return times, cpu, paths
 
 
+def one_call(repeats: int) -> dict[str, float]:
+    """CPU time of ``key_mass`` alone, given the kernel's lse, by each way, over the SDPA call's."""
+    g = torch.Generator().manual_seed(0)
+    n, heads, dim = SIDE * SIDE + TEXT, CONFIG["num_attention_heads"], CONFIG["attention_head_dim"]
+    q, k, v = (torch.randn(1, n, heads, dim, generator=g).transpose(1, 2) for _ in range(3))  # as FLUX's
+    _, lse, _ = kernels.attention(q, k, v)
+    ways = {
+        "SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "pass over rows": lambda: probs.incoming_mass(q, k, lse, scale=dim**-0.5, reverse=False),
+        "reverse call": lambda: probs.incoming_mass(q, k, lse, scale=dim**-0.5, reverse=True),
+    }
+    used: dict[str, list[float]] = {name: [] for name in ways}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, fn in ways.items():
+                with _timed(False, time.process_time) as elapsed:
+                    fn()
+                used[name].append(elapsed())
+    return {
+        name: statistics.median(t / s for t, s in zip(ts[1:], used["SDPA"][1:], strict=True))
+        for name, ts in used.items()
+    }
+
+
 def full_to_store(repeats: int) -> dict[str, float]:
     """Seconds of: a plain forward; ``full`` captured in memory; its Dataset written; ``full`` to a store."""
     model = tiny_flux_transformer(**CONFIG)
@@ -177,6 +201,7 @@ def main() -> None:
             f"{min(used):.2f}–{max(used):.2f} | {statistics.median(wall):.3f}× | {bar} | "
             f"{paths.get(name, '')} |"
         )
+    alone = one_call(args.repeats)
     full = full_to_store(max(3, args.repeats // 2))
     mb, math_s, write_s = full["mb"], full["math"], full["write"]
     body = "\n".join(
@@ -193,6 +218,12 @@ def main() -> None:
             "| variant | median CPU s | vs plain (CPU) | range | vs plain (wall) | bar | capture_paths |",
             "|---|---:|---:|---|---:|---|---|",
             *rows,
+            "",
+            f"**`key_mass` alone**, given the kernel's lse, for one attention call of that size (8 heads, "
+            f"{SIDE * SIDE + TEXT} tokens), in CPU time over the SDPA call's: one pass over the rows "
+            f"{alone['pass over rows']:.2f}×, one reverse kernel call {alone['reverse call']:.2f}× (the pass "
+            "skips the kernel's product with the values; a GPU, where the fused kernel keeps the logits "
+            "on chip, makes the reverse call).",
             "",
             f"**`full` to a store** (1152 tokens, {mb:.0f} MB of probabilities per forward, local disk, "
             f"default zstd): the math adds {math_s:.2f} s to a {full['plain']:.2f} s forward "
