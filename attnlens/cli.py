@@ -199,6 +199,43 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Score RefAM on a benchmark split; resumable; sharded by rank under torchrun / accelerate launch."""
+    import ast
+
+    from attnlens.datasets import load
+    from attnlens.refam.evaluation import ABLATIONS, evaluate
+
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word: a string option such as gas=redirect
+    variants = {"RefAM": {}}
+    if args.ablate is not None:
+        unknown = sorted(set(args.ablate) - set(ABLATIONS))
+        if unknown:
+            from attnlens.errors import choices
+
+            raise SystemExit(f"unknown ablation(s) {unknown}; choose from: {choices(ABLATIONS, 20)}")
+        variants = {k: v for k, v in ABLATIONS.items() if not args.ablate or k in args.ablate or k == "RefAM"}
+    dataset = load(args.dataset, args.split, args.root, limit=args.limit)
+    with console.status(f"loading {args.model}"):
+        model = _load_model(args.model)
+        segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
+    summary = evaluate(
+        dataset, model, args.out, segmenter=segmenter, variants=variants, model_name=args.model, **options
+    )
+    if summary is not None:
+        from pathlib import Path
+
+        console.print(Path(args.out, "summary.md").read_text())
+        console.print(f"per-sample results: {Path(args.out, 'samples.parquet')}")
+    return 0
+
+
 def _load_model(name: str):
     """A zoo name, a folder written by ``attnlens zoo train``, or a local diffusers pipeline folder."""
     from pathlib import Path
@@ -312,6 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--seed", type=int, default=0, help="seed of the noise")
     seg.add_argument("--no-refine", action="store_true", help="Otsu's threshold of the heatmap only")
     seg.set_defaults(func=_cmd_segment)
+    ev = sub.add_parser("eval", help="score RefAM on a benchmark (resumable; shards under torchrun)")
+    ev.add_argument(
+        "--dataset",
+        required=True,
+        help="refcoco, refcoco+, refcocog, ref-davis17, ref-youtube-vos, shapesref",
+    )
+    ev.add_argument("--split", required=True, help="val, testA, testB, test (as in the papers)")
+    ev.add_argument("--root", help="the dataset's folder (not for shapesref)")
+    ev.add_argument("--model", default="shapes-flux", help="zoo model or diffusers pipeline folder")
+    ev.add_argument("--segmenter", help="SAM / SAM 2 checkpoint folder (default: the threshold refiner)")
+    ev.add_argument("--limit", type=int, help="the first N samples only")
+    ev.add_argument(
+        "--ablate", nargs="*", metavar="VARIANT",
+        help="also the ablations and attention-only baselines (all, or those named)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a RefAM option, e.g. t=0.3"
+    )
+    ev.add_argument("--out", required=True, help="results folder: samples.parquet, summary.md, summary.json")
+    ev.set_defaults(func=_cmd_eval)
     zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)
     train = zoo.add_parser("train", help="train (or resume training) an embedded model")
     train.add_argument("name", choices=["shapes-flux"], help="which model")

@@ -13,6 +13,7 @@ __all__ = [
     "AttnlensError",
     "CaptureTooLargeError",
     "CorruptStoreError",
+    "DatasetError",
     "EmptySpecError",
     "HeadIndexError",
     "HookError",
@@ -73,6 +74,11 @@ class SelectionError(AttnlensError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+class DatasetError(AttnlensError, ValueError):
+    """A benchmark folder lacks a file, holds one in another format, or has no such split;
+    the message names the file."""
 
 
 class StoreError(AttnlensError):

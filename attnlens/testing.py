@@ -18,17 +18,33 @@ from typing import Any
 import torch
 
 __all__ = [
+    "LABELME_EXPRESSIONS",
+    "LABELME_VIDEO_EXPRESSIONS",
     "flux_inputs",
+    "labelme_benchmarks",
+    "labelme_examples",
     "tiny_byte_level_tokenizer",
+    "tiny_chroma",
+    "tiny_chroma_pipeline",
     "tiny_clip_tokenizer",
     "tiny_cogvideox_pipeline",
+    "tiny_flux2",
+    "tiny_flux2_klein_pipeline",
     "tiny_flux_pipeline",
     "tiny_flux_transformer",
+    "tiny_hunyuan_pipeline",
+    "tiny_ltx_pipeline",
     "tiny_mochi_pipeline",
+    "tiny_qwen",
+    "tiny_qwen_pipeline",
     "tiny_sam2",
+    "tiny_sd3",
+    "tiny_sd3_pipeline",
     "tiny_shapes_pipeline",
     "tiny_t5_tokenizer",
     "tiny_wan_pipeline",
+    "write_davis_folder",
+    "write_refer_folder",
 ]
 
 _WORDS = tuple(
@@ -445,8 +461,66 @@ def tiny_mochi_pipeline(seed: int = 0, max_sequence_length: int = 16):
 
 # -- SAM2: tiny random segmenters, and processors that need no torchvision -----------------------------------
 
+# transformers' IMAGENET_DEFAULT_MEAN / IMAGENET_DEFAULT_STD and its processors' default rescale factor
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESCALE = 1 / 255
+
+
+def _rgb_uint8(image: Any) -> torch.Tensor:
+    """One image (PIL, or an ``(H, W)`` / ``(H, W, 3)`` uint8 array or tensor) → ``(3, H, W)`` uint8."""
+    import numpy as np
+
+    if hasattr(image, "getbands"):  # PIL: transparency goes onto white, as transformers' convert_to_rgb does
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            from PIL import Image
+
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = np.array(image.convert("RGB"))
+    x = torch.as_tensor(np.asarray(image))
+    if x.ndim == 2:  # grey: repeated into three channels
+        x = x[..., None].expand(-1, -1, 3)
+    if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(
+            f"the torch-only SAM2 processors take RGB uint8 images (H, W, 3), grey (H, W) or PIL images; got "
+            f"{x.dtype} {tuple(x.shape)} (install torchvision for transformers' own processors)"
+        )
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _resizes_uint8_natively(capability: str | None = None, machine: str | None = None) -> bool:
+    """Whether torchvision's bilinear ``resize`` keeps uint8 in uint8 on this CPU (or on the one named).
+
+    It does on AVX2/AVX512 x86 and on ARM CPUs; elsewhere it resizes through float32 and rounds back, which
+    differs by at most one grey level.
+    """
+    import platform
+
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    machine = platform.machine() if machine is None else machine
+    return capability in ("AVX2", "AVX512") or machine in ("aarch64", "arm64")
+
+
+def _resize_uint8(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``(n, 3, H, W)`` uint8 → ``(n, 3, side, side)`` uint8, as torchvision's ``resize`` does it.
+
+    Bilinear with antialiasing (shrinking averages over every source pixel, not just the 4 nearest),
+    in uint8 (see :func:`_resizes_uint8_natively`); an image already ``side × side`` is left as it is.
+    """
+    if tuple(x.shape[-2:]) == (side, side):
+        return x
+    resize = dict(size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    if _resizes_uint8_natively():
+        return torch.nn.functional.interpolate(x, **resize)
+    return torch.nn.functional.interpolate(x.float(), **resize).round_().to(torch.uint8)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → ``(x - mean) / std`` in float32, rescale and normalisation fused as in transformers."""
+    mean = torch.tensor(_IMAGENET_MEAN) * (1.0 / _RESCALE)  # the same float32 constants, the same rounding
+    std = torch.tensor(_IMAGENET_STD) * (1.0 / _RESCALE)
+    return x.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
 
 def _square_pixels(images: Any, side: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -454,26 +528,48 @@ def _square_pixels(images: Any, side: int) -> tuple[torch.Tensor, list[list[int]
     import numpy as np
 
     if not isinstance(images, list | tuple):
-        arr = np.asarray(images)
-        images = list(arr) if arr.ndim == 4 else [arr]
-    arrays = [np.array(im.convert("RGB")) if hasattr(im, "convert") else np.array(im) for im in images]
+        if hasattr(images, "getbands"):
+            images = [images]
+        else:
+            arr = torch.as_tensor(np.asarray(images))
+            images = list(arr) if arr.ndim == 4 else [arr]
     pixels, sizes = [], []
-    for arr in arrays:
-        x = torch.as_tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
-        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-        pixels.append(x[0])
-        sizes.append([int(arr.shape[0]), int(arr.shape[1])])
-    mean = torch.tensor(_IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(_IMAGENET_STD)[:, None, None]
-    return (torch.stack(pixels) - mean) / std, sizes
+    for image in images:
+        x = _rgb_uint8(image)
+        pixels.append(_normalise(_resize_uint8(x[None], side))[0])
+        sizes.append([int(x.shape[1]), int(x.shape[2])])
+    return torch.stack(pixels), sizes
 
 
 def _sam2_processors(side: int) -> tuple[Any, Any]:
     """``(image processor, video processor)``: transformers' own with torchvision installed, else stand-ins.
 
-    The stand-ins do what transformers' SAM2 processors do by default (bilinear resize to a
-    ``side × side`` square, rescale to [0, 1], ImageNet normalisation; masks upsampled
-    bilinearly and cut at 0) with torch alone.
+    transformers' ``Sam2ImageProcessor`` and ``Sam2VideoVideoProcessor`` need torchvision, which does not
+    import beside the CPU torch this project installs; the stand-ins do what they do with
+    ``size={"height": side, "width": side}`` using torch alone:
+
+    - images: PIL (transparency composited onto white, grey repeated), ``(H, W, 3)`` uint8 arrays, or
+      ``(T, H, W, 3)`` clips → resized to ``side × side`` bilinearly *with antialiasing*, in uint8, then
+      ``(x / 255 - mean) / std`` with ImageNet's mean and std (fused as ``(x - 255 mean) / (255 std)``);
+      ``original_sizes`` ``(n, 2)`` (height, width); the video processor adds ``reshaped_input_sizes``;
+    - masks: ``post_process_masks`` upsamples the low-resolution logits bilinearly (no antialiasing) to
+      each original size and cuts them at ``mask_threshold`` (0).
+
+    Point prompts are not theirs: ``Sam2Processor`` / ``Sam2VideoProcessor`` (which import without
+    torchvision) scale them from the ``original_sizes`` the stand-ins return.
+
+    ``tests/test_sam2_processors.py`` checks the stand-ins against the real processors' outputs,
+    saved once in ``tests/fixtures/sam2_reference.npz`` (odd-sized, grey and transparent images,
+    clips, point prompts, fixed mask logits; sides 64 and 96) by ``tests/fixtures/make_sam2_reference.py``
+    run with transformers 5.24.0, torch 2.14.1 and torchvision 0.29.1 on an AVX512 CPU: sizes, scaled
+    points and post-processed masks are equal, and so are the pixels to the bit (within one grey level
+    on a CPU without AVX2, where torchvision resizes through float32). To regenerate it, in a throwaway
+    venv outside the repository (never the project's: that torch is a 5.5 GB CUDA build)::
+
+        python3 -m venv /tmp/tv-venv
+        /tmp/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+        /tmp/tv-venv/bin/pip install transformers==<the project's version> numpy pillow
+        /tmp/tv-venv/bin/python tests/fixtures/make_sam2_reference.py
     """
     import importlib.util
 
@@ -520,7 +616,11 @@ def _sam2_processors(side: int) -> tuple[Any, Any]:
         def __call__(self, videos: Any, device: Any = None, return_tensors: Any = None, **kwargs):
             pixels, sizes = _square_pixels(videos, side)
             return BatchFeature(
-                {"pixel_values_videos": pixels[None].to(device or "cpu"), "original_sizes": [sizes[0]]}
+                {
+                    "pixel_values_videos": pixels[None].to(device or "cpu"),
+                    "original_sizes": torch.tensor(sizes[:1]),
+                    "reshaped_input_sizes": torch.tensor([[side, side]]),
+                }
             )
 
     return SquareImageProcessor(), SquareVideoProcessor()
@@ -534,7 +634,7 @@ def tiny_sam2(side: int = 64, *, video: bool = False, seed: int = 0) -> tuple[An
     one-layer mask decoder with 3 multimask outputs and (video) a one-layer memory attention
     over 2 memories. ``side`` is the model's square input, a multiple of 32. transformers' SAM2
     processors need torchvision; where it is missing, stand-ins that preprocess alike take
-    their place.
+    their place (checked against the real processors' saved outputs: see ``_sam2_processors``).
     """
     import importlib.util
 
@@ -613,3 +713,518 @@ def tiny_sam2(side: int = 64, *, video: bool = False, seed: int = 0) -> tuple[An
     with torch.no_grad():
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(1.0)
     return model, processor
+
+
+# -- benchmark folders in the real formats: written from arrays, or from Debian's labelme photographs -------
+
+
+def write_refer_folder(
+    root: Any,
+    images: dict[str, Any],
+    refs: list[dict[str, Any]],
+    *,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+) -> Any:
+    """Write a RefCOCO-family folder in the ``refer`` toolkit's layout; returns ``root``.
+
+    Args:
+        root: the folder (created).
+        images: COCO ``file_name`` → ``(H, W, 3)`` uint8 array or the path of an image file.
+        refs: one dict per referred object: ``file_name``, ``segmentation`` (COCO polygons or
+            RLE), ``sentences`` (strings) and ``split``; optionally ``category_id``.
+    """
+    import json
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    folder, image_dir = root / dataset, root / "images" / "mscoco" / "images" / "train2014"
+    folder.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (name, image) in enumerate(images.items()):
+        if isinstance(image, np.ndarray):
+            Image.fromarray(image).save(image_dir / name)
+        else:
+            shutil.copyfile(image, image_dir / name)
+        with Image.open(image_dir / name) as im:
+            entries.append({"id": i, "file_name": name, "height": im.height, "width": im.width})
+    ids = {e["file_name"]: e["id"] for e in entries}
+    annotations, pickled, sent_id = [], [], 0
+    for ref_id, ref in enumerate(refs):
+        annotations.append(
+            {"id": 100 + ref_id, "image_id": ids[ref["file_name"]], "segmentation": ref["segmentation"],
+             "category_id": ref.get("category_id", 1), "iscrowd": 0}
+        )  # fmt: skip
+        sentences = []
+        for text in ref["sentences"]:
+            sentences.append({"sent": text, "raw": text, "tokens": text.split(), "sent_id": sent_id})
+            sent_id += 1
+        pickled.append(
+            {"ref_id": ref_id, "ann_id": 100 + ref_id, "image_id": ids[ref["file_name"]],
+             "split": ref["split"], "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences],
+             "category_id": ref.get("category_id", 1), "file_name": ref["file_name"]}
+        )  # fmt: skip
+    instances = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / f"refs({split_by}).p").write_bytes(pickle.dumps(pickled, protocol=2))
+    return root
+
+
+def write_davis_folder(
+    root: Any,
+    videos: dict[str, tuple[Any, Any]],
+    expressions: list[tuple[str, int, str]],
+    *,
+    split: str = "val",
+) -> Any:
+    """Write a Ref-DAVIS17 folder (DAVIS 2017 layout, palette PNG annotations); returns ``root``.
+
+    Args:
+        root: the folder (created).
+        videos: name → ``(frames (T, H, W, 3) uint8, object ids (T, H, W) uint8)``.
+        expressions: ``(video, object id, expression)``, written to all four expression files
+            (annotator 2's in Latin-1, as the release has them).
+        split: the DAVIS split the videos are listed in.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 128] * 252
+    for name, (frames, ids) in videos.items():
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        for t, (frame, objects) in enumerate(zip(frames, ids, strict=True)):
+            Image.fromarray(frame).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=95)
+            png = Image.fromarray(np.asarray(objects, dtype=np.uint8), mode="P")
+            png.putpalette(palette)
+            png.save(root / "Annotations" / "480p" / name / f"{t:05d}.png")
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / f"{split}.txt").write_text("".join(f"{v}\n" for v in videos))
+    text = root / "davis_text_annotations"
+    text.mkdir(exist_ok=True)
+    lines = "".join(f'{video} {obj} "{e}"\n' for video, obj, e in expressions)
+    for name, encoding in (("annot1", "utf-8"), ("annot2", "latin-1")):
+        for suffix in ("", "_full_video"):
+            (text / f"Davis17_{name}{suffix}.txt").write_text(lines, encoding=encoding)
+    return root
+
+
+def labelme_examples(cache: Any = None) -> Any:
+    """The examples folder of Debian's ``labelme-examples`` package, fetched once into a cache.
+
+    The package ships PASCAL VOC photographs with instance polygons in COCO format and a 5-frame
+    street video with per-frame polygons. It is fetched with ``apt-get download`` and unpacked with
+    ``dpkg -x`` into ``cache`` (default ``~/.cache/attnlens/labelme-examples``).
+
+    Raises:
+        RuntimeError: apt or dpkg is missing, or the package could not be fetched (the reason).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    cache = Path(cache or Path.home() / ".cache" / "attnlens" / "labelme-examples")
+    examples = cache / "usr" / "share" / "doc" / "labelme-examples" / "examples"
+    if (examples / "instance_segmentation").exists():
+        return examples
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed: Debian's labelme-examples cannot be fetched here")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(
+            ["apt-get", "download", "labelme-examples"], cwd=tmp, capture_output=True, text=True, timeout=300
+        )
+        debs = list(Path(tmp).glob("labelme-examples_*.deb"))
+        if got.returncode or not debs:
+            raise RuntimeError(
+                f"apt-get download labelme-examples failed: {(got.stderr or got.stdout).strip()[-300:]}"
+            )
+        partial = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(partial)], check=True, timeout=300)
+        shutil.rmtree(cache, ignore_errors=True)
+        partial.rename(cache)  # whole or not at all: an interrupted unpack is never taken for the package
+    return examples
+
+
+#: referring expressions written for the objects of labelme-examples' photographs: (COCO annotation id, text)
+LABELME_EXPRESSIONS: dict[str, list[tuple[int, str]]] = {
+    "2011_000003": [
+        (0, "the man in the red jacket"),
+        (1, "the man in green on the right"),
+        (2, "the bottle"),
+    ],
+    "2011_000025": [(3, "the big red bus"), (4, "the green bus on the left"), (5, "the car on the right")],
+    "2011_000006": [(9, "the chair"), (11, "the blue sofa"), (10, "the person at the top right")],
+}
+#: and for the objects of its street video: (object id, text); the truck is drawn as two polygons
+LABELME_VIDEO_EXPRESSIONS = [(1, "the green truck behind the tree"), (2, "the red car on the right")]
+
+
+def labelme_benchmarks(root: Any, examples: Any = None) -> dict[str, Any]:
+    """RefCOCO- and Ref-DAVIS17-format folders of labelme-examples' photographs, with
+    :data:`LABELME_EXPRESSIONS`; returns ``{"refcoco": root/refer, "ref-davis17": root/davis}``.
+
+    RefCOCO's ``val`` holds the nine photograph expressions; Ref-DAVIS17's ``val`` the street video
+    (1000 × 563, 5 frames) with its truck (object 1) and car (object 2).
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    examples = Path(examples or labelme_examples())
+    coco_dir = examples / "instance_segmentation" / "data_dataset_coco"
+    coco = json.loads((coco_dir / "annotations.json").read_text())
+    by_id = {a["id"]: a for a in coco["annotations"]}
+    images = {Path(im["file_name"]).stem: coco_dir / im["file_name"] for im in coco["images"]}
+    refs = [
+        {"file_name": f"{stem}.jpg", "segmentation": by_id[ann]["segmentation"], "sentences": [text],
+         "split": "val", "category_id": by_id[ann]["category_id"]}
+        for stem, objects in LABELME_EXPRESSIONS.items()
+        for ann, text in objects
+    ]  # fmt: skip
+    root = Path(root)
+    refer = write_refer_folder(root / "refer", {f"{s}.jpg": p for s, p in images.items()}, refs)
+    video_dir = examples / "video_annotation" / "data_annotated"
+    frames, ids = [], []
+    for path in sorted(video_dir.glob("*.json")):
+        shapes = json.loads(path.read_text())
+        frame = np.asarray(Image.open(video_dir / shapes["imagePath"]).convert("RGB"))
+        canvas = Image.new("L", (frame.shape[1], frame.shape[0]), 0)
+        for shape in shapes["shapes"]:
+            obj = {"track": 1, "car": 2}[shape["label"]]
+            ImageDraw.Draw(canvas).polygon([tuple(p) for p in shape["points"]], fill=obj)
+        frames.append(frame)
+        ids.append(np.asarray(canvas))
+    expressions = [("street", obj, text) for obj, text in LABELME_VIDEO_EXPRESSIONS]
+    davis = write_davis_folder(root / "davis", {"street": (np.stack(frames), np.stack(ids))}, expressions)
+    return {"refcoco": refer, "ref-davis17": davis}
+
+
+# -- SD3/3.5, FLUX.2, Qwen-Image and Chroma: transformers and pipelines of diffusers' test configs ----------
+
+
+def tiny_sd3(**config):
+    from diffusers import SD3Transformer2DModel
+
+    defaults = dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**{**defaults, **config}).eval()
+
+
+def tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+    ).eval()
+
+
+def tiny_qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ).eval()
+
+
+def tiny_chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    return ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+
+
+def _tiny_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+
+
+def _tiny_t5_seeded(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3_pipeline():
+    """SD3 with 2 blocks, CLIP-L/G and T5 (16 tokens); 8 × 12 px images are an 8 × 12 token grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer(16)
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_tok), projection_dim=32,
+            max_position_embeddings=77,
+        )  # fmt: skip
+        return CLIPTextModelWithProjection(config).eval()
+
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(patch_size=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(4),
+        text_encoder=clip(0),
+        tokenizer=clip_tok,
+        text_encoder_2=clip(1),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_tiny_t5_seeded(t5_tok),
+        tokenizer_3=t5_tok,
+    )
+
+
+def tiny_chroma_pipeline():
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    tok = tiny_t5_tokenizer(16)
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(1),
+        text_encoder=_tiny_t5_seeded(tok),
+        tokenizer=tok,
+        transformer=tiny_chroma(),
+    )
+
+
+def tiny_qwen_pipeline():
+    """Qwen-Image with a tiny Qwen2.5-VL text encoder (diffusers' test config) and a byte-level tokenizer."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = tiny_byte_level_tokenizer()
+    torch.manual_seed(0)
+    text = {
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+        "vocab_size": len(tok),
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+    }
+    vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+    ids = {
+        "vision_start_token_id": len(tok) - 3,
+        "vision_end_token_id": len(tok) - 2,
+        "vision_token_id": len(tok) - 1,
+    }
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16, vocab_size=len(tok),
+                              sliding_window=32, bos_token_id=0, eos_token_id=0, **ids)  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+        tokenizer=tok,
+        transformer=tiny_qwen(),
+    )
+
+
+def tiny_flux2_klein_pipeline():
+    """FLUX.2 [klein]: a tiny Qwen-3 text encoder over a chat template, 3 hidden layers stacked (48 wide)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = tiny_byte_level_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"
+    )
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    )
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=Qwen3ForCausalLM(config).eval(),
+        tokenizer=tok,
+        transformer=transformer.eval(),
+    )
+
+
+def tiny_hunyuan_pipeline(seed: int = 0):
+    """A ``HunyuanVideoPipeline`` of tiny random parts: its VAE (8× spatial, 4× temporal), a 2-layer
+    Llama over a byte-level tokenizer, CLIP, and a transformer of 1 dual- and 1 single-stream block."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama_tok, clip_tok = tiny_byte_level_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, scaling_factor=0.476986,
+        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True,
+    ).eval()  # fmt: skip
+    llama = LlamaModel(
+        LlamaConfig(vocab_size=len(llama_tok), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                    pad_token_id=0)
+    ).eval()  # fmt: skip
+    clip = CLIPTextModel(
+        CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8, intermediate_size=37,
+                       num_attention_heads=2, num_hidden_layers=2, vocab_size=len(clip_tok), projection_dim=8,
+                       max_position_embeddings=77)
+    ).eval()  # fmt: skip
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    ).eval()  # fmt: skip
+    return HunyuanVideoPipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=llama, tokenizer=llama_tok, text_encoder_2=clip, tokenizer_2=clip_tok,
+    )  # fmt: skip
+
+
+def tiny_ltx_pipeline(seed: int = 0, max_sequence_length: int = 16):
+    """An ``LTXPipeline`` of tiny random parts: its VAE (4× spatial and temporal), T5, and a transformer
+    of 2 blocks (separate self- and cross-attention), 2 heads × 8."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    tokenizer = tiny_t5_tokenizer(max_sequence_length)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False,
+        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    ).eval()  # fmt: skip
+    text_encoder = _tiny_t5(tokenizer, num_layers=1, num_heads=2)
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=32,
+    ).eval()  # fmt: skip
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer,
+    )  # fmt: skip

@@ -18,7 +18,16 @@ import torch
 import attnlens
 from attnlens.errors import EmptySpecError, UnsupportedModelError
 from attnlens.models.generic import GenericAdapterWarning
-from attnlens.testing import tiny_byte_level_tokenizer, tiny_clip_tokenizer, tiny_t5_tokenizer
+from attnlens.testing import (
+    tiny_chroma,
+    tiny_chroma_pipeline,
+    tiny_flux2,
+    tiny_flux2_klein_pipeline,
+    tiny_qwen,
+    tiny_qwen_pipeline,
+    tiny_sd3,
+    tiny_sd3_pipeline,
+)
 
 ATOL = 1e-5
 EVERY = ("cross", "text_to_image", "key_mass", "hidden_norm", "full")
@@ -77,25 +86,6 @@ def check_against(ds, probs: torch.Tensor, layer: str, text: slice, image: slice
 # -- tiny models and inputs (diffusers' test configs) -------------------------------------------
 
 
-def tiny_sd3(**config):
-    from diffusers import SD3Transformer2DModel
-
-    defaults = dict(
-        sample_size=32,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(**{**defaults, **config}).eval()
-
-
 def sd3_inputs(height=8, width=12, batch=2, text_len=10, timestep=500.0):
     g = torch.Generator().manual_seed(0)
     return dict(
@@ -104,23 +94,6 @@ def sd3_inputs(height=8, width=12, batch=2, text_len=10, timestep=500.0):
         pooled_projections=torch.randn(batch, 64, generator=g),
         timestep=torch.full((batch,), timestep),
     )
-
-
-def tiny_flux2():
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        timestep_guidance_channels=256,
-        axes_dims_rope=[4, 4, 4, 4],
-    ).eval()
 
 
 def flux2_inputs(height=3, width=5, text_len=6, reference=None):
@@ -143,23 +116,6 @@ def flux2_inputs(height=3, width=5, text_len=6, reference=None):
     )
 
 
-def tiny_qwen():
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(0)
-    return QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=16,
-        guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
-    ).eval()
-
-
 def qwen_inputs(height=4, width=6, text_len=7, valid=(7, 5)):
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(len(valid), text_len, dtype=torch.long)
@@ -172,25 +128,6 @@ def qwen_inputs(height=4, width=6, text_len=7, valid=(7, 5)):
         timestep=torch.full((len(valid),), 0.5),
         img_shapes=[[(1, height, width)]] * len(valid),
     )
-
-
-def tiny_chroma():
-    from diffusers import ChromaTransformer2DModel
-
-    torch.manual_seed(0)
-    return ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        approximator_num_channels=8,
-        approximator_hidden_dim=16,
-        approximator_layers=1,
-    ).eval()
 
 
 def chroma_inputs(height=3, width=4, text_len=5, valid=(5, 3)):
@@ -209,174 +146,6 @@ def chroma_inputs(height=3, width=4, text_len=5, valid=(5, 3)):
         img_ids=img_ids,
         txt_ids=torch.zeros(text_len, 3),
         attention_mask=mask,
-    )
-
-
-def tiny_vae(latent_channels: int):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
-
-
-def tiny_t5(tokenizer):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
-    return T5EncoderModel(config).eval()
-
-
-def tiny_sd3_pipeline():
-    """SD3 with 2 blocks, CLIP-L/G and T5 (16 tokens); 8 × 12 px images are an 8 × 12 token grid."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer(16)
-
-    def clip(seed):
-        torch.manual_seed(seed)
-        config = CLIPTextConfig(
-            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_tok), projection_dim=32,
-            max_position_embeddings=77,
-        )  # fmt: skip
-        return CLIPTextModelWithProjection(config).eval()
-
-    return StableDiffusion3Pipeline(
-        transformer=tiny_sd3(patch_size=1),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(4),
-        text_encoder=clip(0),
-        tokenizer=clip_tok,
-        text_encoder_2=clip(1),
-        tokenizer_2=tiny_clip_tokenizer(),
-        text_encoder_3=tiny_t5(t5_tok),
-        tokenizer_3=t5_tok,
-    )
-
-
-def tiny_chroma_pipeline():
-    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
-
-    tok = tiny_t5_tokenizer(16)
-    return ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=tiny_vae(1),
-        text_encoder=tiny_t5(tok),
-        tokenizer=tok,
-        transformer=tiny_chroma(),
-    )
-
-
-def tiny_qwen_pipeline():
-    """Qwen-Image with a tiny Qwen2.5-VL text encoder (diffusers' test config) and a byte-level tokenizer."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tok = tiny_byte_level_tokenizer()
-    torch.manual_seed(0)
-    text = {
-        "hidden_size": 16,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "rope_theta": 1000000.0,
-        "vocab_size": len(tok),
-        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-    }
-    vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
-    ids = {
-        "vision_start_token_id": len(tok) - 3,
-        "vision_end_token_id": len(tok) - 2,
-        "vision_token_id": len(tok) - 1,
-    }
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, hidden_size=16, vocab_size=len(tok),
-                              sliding_window=32, bos_token_id=0, eos_token_id=0, **ids)  # fmt: skip
-    vae = AutoencoderKLQwenImage(
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    )  # fmt: skip
-    return QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae.eval(),
-        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
-        tokenizer=tok,
-        transformer=tiny_qwen(),
-    )
-
-
-def tiny_flux2_klein_pipeline():
-    """FLUX.2 [klein]: a tiny Qwen-3 text encoder over a chat template, 3 hidden layers stacked (48 wide)."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tok = tiny_byte_level_tokenizer()
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "<|im_start|>assistant\n"
-    )
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        timestep_guidance_channels=256,
-        axes_dims_rope=[4, 4, 4, 4],
-        guidance_embeds=False,
-    )
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae.eval(),
-        text_encoder=Qwen3ForCausalLM(config).eval(),
-        tokenizer=tok,
-        transformer=transformer.eval(),
     )
 
 

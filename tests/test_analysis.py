@@ -21,11 +21,9 @@ import attnlens
 from attnlens.analysis import (
     auc,
     binarize,
-    boundary_f,
     find_magnets,
     find_sinks,
     iou,
-    j_and_f,
     localisation_scores,
     magnet_words,
     mass_by_kind,
@@ -311,50 +309,6 @@ def test_metrics_agree_with_independent_oracles():
     assert float(iou(empty, empty, dims=("y", "x"))[0]) == 1.0
     assert bool(auc(heat, empty, dims=("y", "x")).isnull().all())
     assert bool(pointing_game(heat, empty, dims=("y", "x")).isnull().all())
-
-
-def _f_oracle(pred: np.ndarray, target: np.ndarray, tolerance: float) -> float:
-    """Boundary F by brute force: every pair of boundary pixels, neighbours read one by one."""
-    h, w = pred.shape
-
-    def boundary(m):
-        inside = lambda r, c: 0 <= r < h and 0 <= c < w and m[r, c]  # noqa: E731
-        return [
-            (r, c)
-            for r in range(h)
-            for c in range(w)
-            if m[r, c] and not all(inside(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)))
-        ]
-
-    bp, bt = boundary(pred), boundary(target)
-    if not bp and not bt:
-        return 1.0
-    if not bp or not bt:
-        return 0.0
-    radius = math.ceil(tolerance * math.hypot(h, w))
-    matched = lambda a, b: sum(any(math.dist(p, q) <= radius for q in b) for p in a) / len(a)  # noqa: E731
-    precision, recall = matched(bp, bt), matched(bt, bp)
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-def test_video_j_and_f_agree_with_a_brute_force_oracle():
-    rng = np.random.default_rng(3)
-    target = np.zeros((3, 24, 30), dtype=bool)
-    target[:, 6:16, 8:20] = True
-    pred = target.copy()
-    pred[0] = np.roll(pred[0], 2, axis=1)  # a small shift: boundaries partly within the tolerance
-    pred[1] = rng.random((24, 30)) > 0.7  # noise
-    pred[2] = False  # an empty prediction scores F = 0
-    for tolerance in (0.008, 0.05):
-        scores = j_and_f(pred, target, tolerance)
-        f = [_f_oracle(p, t, tolerance) for p, t in zip(pred, target, strict=True)]
-        j = [(p & t).sum() / (p | t).sum() for p, t in zip(pred, target, strict=True)]
-        assert scores["F"] == pytest.approx(np.mean(f)) and scores["J"] == pytest.approx(np.mean(j))
-        assert scores["J&F"] == pytest.approx((np.mean(f) + np.mean(j)) / 2)
-    assert f[2] == 0.0 and boundary_f(target[0], target[0]) == 1.0
-    assert boundary_f(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
-    with pytest.raises(ValueError, match="one shape"):
-        j_and_f(pred, target[:, :10])
 
 
 def test_masks_at_pixel_resolution_are_taken_to_the_token_grid(planted):

@@ -406,7 +406,7 @@ def test_bad_arguments_raise_clear_errors(shapes, scene):
         refam.segment(scene, "the one on the left", model=shapes, parser="rules")
     with pytest.raises(UnsupportedModelError, match="no embedded model 'nope'"):
         refam.segment(scene, EXPRESSION, model="nope")
-    with pytest.raises(UnsupportedModelError, match="FluxPipeline"):
+    with pytest.raises(UnsupportedModelError, match="Qwen-Image"):
         refam.segment(scene, EXPRESSION, model=object())
     with pytest.raises(TypeError, match="unknown RefAM option"):
         refam.segment(scene, EXPRESSION, model=shapes, threshold=0.3)

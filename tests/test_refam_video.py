@@ -220,7 +220,7 @@ def test_bad_expressions_and_models_raise_clear_errors(shapes, pipes):
         refam.segment_video(clip, "the one on the left", model=shapes, parser="rules")
     with pytest.raises(refam.EmptyExpressionError):
         refam.segment_video(clip, " ", model=shapes)
-    with pytest.raises(UnsupportedModelError, match="WanPipeline"):
+    with pytest.raises(UnsupportedModelError, match="HunyuanVideo"):
         refam.segment_video(clip, "the cup", model=object())
     wan = pipes["wan"]
     without_vae = type(wan)(wan.tokenizer, wan.text_encoder, None, wan.scheduler, transformer=wan.transformer)

@@ -14,6 +14,9 @@ every sample, step, layer and head at once.
 - :func:`boundary_f` and :func:`j_and_f`: the DAVIS video measures of masks ``(…, H, W)``: the
   boundary F-measure (Perazzi et al., CVPR 2016: boundary pixels matched within
   ``tolerance`` × the image diagonal) and the mean of J (region IoU) and F over frames.
+- :func:`mask_scores`: intersection, union and IoU of each predicted mask against its target,
+  and :func:`referring_summary` the referring-segmentation table of them: mIoU, oIoU and
+  precision at IoU thresholds 0.5 … 0.9.
 - :func:`auc`: area under the ROC curve of the heatmap's values as scores for mask membership,
   the Mann–Whitney statistic ``(R₊ − n₊(n₊+1)/2) / (n₊ n₋)`` with average ranks for ties; NaN
   when the mask is empty or full.
@@ -34,7 +37,20 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["auc", "binarize", "boundary_f", "iou", "j_and_f", "otsu_threshold", "pointing_game"]
+__all__ = [
+    "PRECISION_THRESHOLDS",
+    "auc",
+    "binarize",
+    "boundary_f",
+    "iou",
+    "j_and_f",
+    "otsu_threshold",
+    "pointing_game",
+    "referring_summary",
+]
+
+#: IoU thresholds of the precision columns in referring-segmentation tables (P@0.5 … P@0.9)
+PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 Dims = str | Sequence[str]
 
@@ -121,17 +137,25 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
-    from scipy import ndimage
-
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    """DAVIS' boundary map (``seg2bmap``): pixels that differ from their right, lower or lower-right
+    neighbour; on the last row (column) only a change along that row (column) counts, so the image
+    border itself is never a boundary."""
+    padded = np.pad(mask, ((0, 1), (0, 1)))
+    right, down, diagonal = padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]
+    edge = (mask != right) | (mask != down) | (mask != diagonal)
+    # on the last row and column DAVIS compares along the edge only, and never marks the corner
+    edge[-1, :] = mask[-1, :] != right[-1, :]
+    edge[:, -1] = mask[:, -1] != down[:, -1]
+    edge[-1, -1] = False
+    return edge
 
 
 def boundary_f(pred: np.ndarray, target: np.ndarray, tolerance: float = 0.008) -> float:
     """Boundary F-measure of two ``(H, W)`` bool masks: 1 when both are empty, 0 when one is.
 
-    A boundary pixel of one mask counts as matched when a boundary pixel of the other lies
-    within ``ceil(tolerance · diagonal)`` pixels (Euclidean), as DAVIS does.
+    The DAVIS definition (Perazzi et al., CVPR 2016, and the DAVIS 2017 toolkit): boundaries as
+    ``seg2bmap`` draws them, and a boundary pixel of one mask matched when a boundary pixel of
+    the other lies within ``ceil(tolerance · diagonal)`` pixels (a disk, Euclidean).
 
     >>> square = np.zeros((20, 20), bool); square[5:15, 5:15] = True
     >>> boundary_f(square, square), boundary_f(square, np.roll(square, 3, axis=1))
@@ -169,3 +193,33 @@ def j_and_f(pred: np.ndarray, target: np.ndarray, tolerance: float = 0.008) -> d
     j = float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
     f = float(np.mean([boundary_f(p, t, tolerance) for p, t in zip(pred, target, strict=True)]))
     return {"J": j, "F": f, "J&F": (j + f) / 2}
+
+
+def referring_summary(intersection: Sequence[float], union: Sequence[float]) -> dict[str, float]:
+    """The referring-segmentation scores of per-expression pixel counts ``(expression,)``.
+
+    ``mIoU`` is the mean of per-expression IoU (1 where prediction and target are both empty),
+    ``oIoU`` the cumulative intersection over the cumulative union, and ``P@τ`` the share of
+    expressions whose IoU reaches ``τ`` for τ in :data:`PRECISION_THRESHOLDS`; all in ``[0, 1]``
+    (papers print them × 100). ``n`` counts the expressions.
+
+    >>> s = referring_summary([50, 0, 30], [100, 40, 30])
+    >>> s["n"], round(s["mIoU"], 4), round(s["oIoU"], 4), s["P@0.5"], s["P@0.9"]
+    (3, 0.5, 0.4706, 0.6666666666666666, 0.3333333333333333)
+    """
+    inter = np.asarray(intersection, dtype=np.float64)
+    union_ = np.asarray(union, dtype=np.float64)
+    if inter.shape != union_.shape or inter.ndim != 1:
+        raise ValueError(
+            f"intersection and union are (expression,) counts; got {inter.shape} and {union_.shape}"
+        )
+    if not len(inter):
+        raise ValueError("no expression to summarise")
+    ious = np.where(union_ > 0, inter / np.maximum(union_, 1), 1.0)
+    out: dict[str, float] = {
+        "n": len(ious),
+        "mIoU": float(ious.mean()),
+        "oIoU": float(inter.sum() / union_.sum()) if union_.sum() else 1.0,
+    }
+    out.update({f"P@{t:g}": float((ious >= t).mean()) for t in PRECISION_THRESHOLDS})
+    return out

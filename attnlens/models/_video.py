@@ -122,3 +122,23 @@ def batched_cfg_rows(pipeline: Any | None, hidden_states: torch.Tensor) -> tuple
     if guided and batch % 2 == 0 and torch.equal(hidden_states[:half], hidden_states[half:]):
         return ("uncond",) * half + ("cond",) * half
     return ("cond",) * batch
+
+
+def _channels(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel VAE statistics (``latents_mean``, ``latents_std``) as ``(1, C, 1, 1, 1)`` of ``like``."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+
+
+def text_inputs(pipeline: Any, prompt: str, max_sequence_length: int, *, masked: bool) -> dict[str, Any]:
+    """The text inputs of a video pipeline's ``encode_prompt`` without guidance: the embeddings, and
+    with ``masked`` the padding mask (Mochi, LTX)."""
+    encoded = pipeline.encode_prompt(
+        prompt,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+        device=pipeline.transformer.device,
+    )
+    inputs = {"encoder_hidden_states": encoded[0].to(pipeline.transformer.dtype)}
+    if masked:
+        inputs["encoder_attention_mask"] = encoded[1]
+    return inputs

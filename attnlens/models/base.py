@@ -11,7 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AttentionLayer", "CallLayout", "ModelAdapter", "forward_arguments", "stream_layers"]
+from ..errors import UnsupportedModelError
+
+__all__ = [
+    "AttentionLayer",
+    "CallLayout",
+    "Geometry",
+    "ModelAdapter",
+    "forward_arguments",
+    "pack_2x2",
+    "stream_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,25 @@ class CallLayout:
             and len(self.text) == len(other.text)
             and np.array_equal(self.grid, other.grid)
         )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels become tokens in one pipeline: what the encode-and-noise methods need to size inputs.
+
+    Attributes:
+        pixels_per_token: side in pixels of one token's square (VAE factor × patch); inputs are
+            resized to a multiple of it.
+        frames_per_latent: input frames per latent frame (the VAE's temporal compression; 1 for
+            images); a clip holds ``1 + k · frames_per_latent`` frames (the first is encoded alone).
+        latents_per_token_frame: latent frames per token frame (CogVideoX 1.5 patches 2).
+        default_side: the working side when a user gives none (the family's native resolution).
+    """
+
+    pixels_per_token: int
+    frames_per_latent: int = 1
+    latents_per_token_frame: int = 1
+    default_side: int = 1024
 
 
 class ModelAdapter:
@@ -232,6 +261,87 @@ class ModelAdapter:
         """
         return slice(None) if call == 0 else None
 
+    # -- encode and noise: one forward on a real image or clip (RefAM), each family's own way ----------
+
+    #: layers whose keys hold the text (a selector of :attr:`attnlens.CaptureSpec.layers`); ``None``: all
+    text_layers: ClassVar[str | None] = None
+    #: the text length the family's pipeline encodes by default (capped by its tokenizer's own limit)
+    max_sequence_length: ClassVar[int] = 512
+
+    def denoiser(self, pipeline: Any, t: float) -> nn.Module:
+        """The transformer the pipeline would run at flow time ``t`` (Wan 2.2 A14B holds two)."""
+        return pipeline.transformer
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        """Pixels per token, frames per latent frame and the native size of ``pipeline``."""
+        raise UnsupportedModelError(f"attnlens cannot encode images for the {self.family} family")
+
+    def encode_prompt(
+        self, pipeline: Any, prompt: str, *, max_sequence_length: int | None = None, guidance: float = 3.5
+    ) -> tuple[dict[str, Any], Any]:
+        """The transformer's text inputs for ``prompt``, and the labels of its text positions.
+
+        The pipeline's own ``encode_prompt`` runs (no classifier-free guidance); the token ids each
+        text encoder sees are recorded and labelled by :meth:`text_labels`, so the labels line up with
+        the text keys of attention whatever template or second encoder the family adds.
+
+        Args:
+            pipeline: the family's diffusers pipeline.
+            prompt: the prompt.
+            max_sequence_length: text tokens (``None``: :attr:`max_sequence_length`, or the
+                tokenizer's limit when smaller).
+            guidance: the embedded guidance scale of guidance-distilled models (FLUX.1 [dev],
+                HunyuanVideo); ignored by the others.
+
+        Returns:
+            ``(keyword arguments of the transformer's forward, TokenLabels of its text keys)``.
+        """
+        with _recording_ids(self.text_encoders(pipeline)) as ids:
+            kwargs = self.prompt_inputs(
+                pipeline, prompt, self._text_length(pipeline, max_sequence_length), guidance
+            )
+        n_text = kwargs["encoder_hidden_states"].shape[1]
+        layout = CallLayout.concatenated(1, 0.0, n_text, np.zeros((0, 3), dtype=np.int64))
+        labels = self.text_labels(pipeline, ids, [prompt], layout)
+        if not labels:
+            raise UnsupportedModelError(
+                f"attnlens cannot tell which tokens of {prompt!r} the {self.family} text keys hold"
+            )
+        return kwargs, labels[0]
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        """The family's text keyword arguments of a transformer forward (see :meth:`encode_prompt`)."""
+        raise UnsupportedModelError(f"attnlens cannot encode prompts for the {self.family} family")
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(1, 3, H, W)`` (a clip: ``(1, 3, T, H, W)``) in ``[-1, 1]`` → the latents the
+        family's sampler starts from: encoded by the VAE (its mode), normalised as the pipeline
+        normalises them, unpacked (``(1, C, h, w)`` or ``(1, C, F, h, w)``)."""
+        raise UnsupportedModelError(f"attnlens cannot encode images for the {self.family} family")
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        """The transformer's latent inputs (``hidden_states``, ``timestep``, positions) at flow time
+        ``t``: ``x_t = (1 − t)·latents + t·noise`` (a DDPM family: its scheduler's ``add_noise``),
+        packed into tokens as the pipeline packs them."""
+        raise UnsupportedModelError(f"attnlens cannot noise latents for the {self.family} family")
+
+    def forward_inputs(self, pipeline: Any, latent: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+        """One forward's keyword arguments from :meth:`noised_inputs` and :meth:`encode_prompt`'s
+        (families whose masks span text and image, like Chroma, join them here)."""
+        return {**latent, **text}
+
+    def _text_length(self, pipeline: Any, requested: int | None) -> int:
+        if requested is not None:
+            return int(requested)
+        encoders = self.text_encoders(pipeline)
+        limit = getattr(encoders[-1][2], "model_max_length", None) if encoders else None
+        limit = int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else self.max_sequence_length
+        return min(self.max_sequence_length, limit)
+
     def transformers(self, transformer: nn.Module, pipeline: Any | None) -> list[tuple[str, nn.Module]]:
         """Every transformer a capture of ``pipeline`` hooks, named; the first is ``transformer``.
 
@@ -240,6 +350,50 @@ class ModelAdapter:
         coordinate of each step tells which one ran.
         """
         return [("transformer", transformer)]
+
+
+class _recording_ids:
+    """Records the ``input_ids`` each text encoder is called with, by source, while it is entered."""
+
+    def __init__(self, encoders: list[tuple[str, nn.Module, Any]]) -> None:
+        self.encoders, self.ids, self.handles = encoders, {}, []
+
+    def __enter__(self) -> dict[str, list[torch.Tensor]]:
+        for source, encoder, _ in self.encoders:
+
+            def record(module: nn.Module, args: tuple, kwargs: dict, source: str = source) -> None:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if isinstance(ids, torch.Tensor):
+                    self.ids.setdefault(source, []).append(ids.detach().cpu())
+
+            self.handles.append(encoder.register_forward_pre_hook(record, with_kwargs=True))
+        return self.ids
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` latents → ``(B, h/2 · w/2, 4C)`` tokens of 2 × 2 patches, row-major, each
+    token's channels ordered ``(c, dy, dx)``: the packing of FLUX.1, Chroma and Qwen-Image.
+
+    >>> pack_2x2(torch.arange(16.0).view(1, 1, 4, 4))[0, :2].tolist()
+    [[0.0, 1.0, 4.0, 5.0], [2.0, 3.0, 6.0, 7.0]]
+    """
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def flow_noised(latents: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 − t)·latents + t·noise``: a rectified-flow sample at flow time ``t``."""
+    return (1 - t) * latents + t * noise.to(latents.device, latents.dtype)
+
+
+def vae_mode(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The mode of a diffusers VAE's latent distribution for ``pixels`` (on the VAE's device and dtype)."""
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
 
 
 def _rows_for(ids: torch.Tensor, batch: int) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ pipeline builds that mask in the model's float dtype, so SDPA *adds* it (0/1) ra
 masking; attnlens applies the mask exactly as SDPA does. ``text_mask`` marks the masked
 positions. The pipeline passes ``timestep / 1000`` and runs guidance as two consecutive calls
 per step without ``cache_context``: the first is labelled ``cond``, the second ``uncond``.
+Encode and noise as FLUX.1 (no pooled vector, no guidance embedding), with the pipeline's mask.
 """
 
 from __future__ import annotations
@@ -42,3 +43,20 @@ class ChromaAdapter(FluxAdapter):
         if isinstance(output, torch.Tensor):  # single-stream: already [text | image]
             return output
         return super().block_hidden(output)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        embeds, text_ids, mask = pipeline.encode_prompt(
+            prompt, device=device, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
+        )[:3]
+        return {"encoder_hidden_states": embeds.to(dtype), "txt_ids": text_ids, "text_mask": mask}
+
+    def forward_inputs(self, pipeline: Any, latent: dict[str, Any], text: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline's mask: the text's (the prompt and its first padding token) then every image token."""
+        text = dict(text)
+        mask = text.pop("text_mask")
+        n_image = latent["hidden_states"].shape[1]
+        image = torch.ones(mask.shape[0], n_image, dtype=torch.bool, device=mask.device)
+        return {**latent, **text, "attention_mask": torch.cat([mask.bool(), image], dim=1)}

@@ -5,6 +5,10 @@ single-stream blocks (``single.N``) see the concatenated sequence. Both call
 ``dispatch_attention_fn`` with post-norm, post-RoPE ``(batch, seq, heads, head_dim)`` tensors.
 The pipeline passes ``timestep / 1000``; attnlens labels steps with the scheduler's value.
 Image tokens are 2×2-packed latent patches whose ``(y, x)`` come from ``img_ids``.
+
+Encode and noise (:meth:`~attnlens.models.base.ModelAdapter.noised_inputs`): the VAE's mode,
+``(z − shift_factor) · scaling_factor``, 2×2 packing, positions from the pipeline's public
+``prepare_latents``; the text of ``encode_prompt`` (T5 tokens, CLIP's pooled vector).
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, stream_layers
+from ..errors import UnsupportedModelError
+from .base import (
+    AttentionLayer,
+    CallLayout,
+    Geometry,
+    ModelAdapter,
+    flow_noised,
+    forward_arguments,
+    pack_2x2,
+    stream_layers,
+    vae_mode,
+)
 
 __all__ = ["FluxAdapter"]
 
@@ -56,3 +71,50 @@ class FluxAdapter(ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         encoder_hidden, hidden = output
         return torch.cat([encoder_hidden, hidden], dim=1)
+
+    # -- encode and noise -----------------------------------------------------------------------
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        return Geometry(pipeline.vae_scale_factor * 2)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        embeds, pooled, text_ids = pipeline.encode_prompt(
+            prompt, prompt_2=prompt, device=device, max_sequence_length=max_sequence_length
+        )
+        inputs = {
+            "encoder_hidden_states": embeds.to(dtype),
+            "pooled_projections": pooled.to(dtype),
+            "txt_ids": text_ids,
+        }
+        if pipeline.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((1,), float(guidance), device=device)
+        return inputs
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        return (vae_mode(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        _, channels, h, w = latents.shape
+        if 4 * channels != pipeline.transformer.config.in_channels:
+            raise UnsupportedModelError(
+                f"this {type(pipeline.transformer).__name__} reads {pipeline.transformer.config.in_channels} "
+                f"channels per token, not the {4 * channels} of an image alone (a Fill, Depth or Canny model "
+                "needs its conditioning): attnlens encodes plain text-to-image FLUX models"
+            )
+        x_t = pack_2x2(flow_noised(latents, noise, t)).to(device, dtype)
+        step = pipeline.vae_scale_factor
+        hidden, img_ids = pipeline.prepare_latents(
+            1, channels, h * step, w * step, dtype, device, None, latents=x_t
+        )
+        return {
+            "hidden_states": hidden,
+            "img_ids": img_ids,
+            "timestep": torch.full((1,), float(t), device=device, dtype=dtype),
+        }

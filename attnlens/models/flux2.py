@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments, stream_layers
+from .base import (
+    AttentionLayer,
+    CallLayout,
+    Geometry,
+    ModelAdapter,
+    flow_noised,
+    forward_arguments,
+    stream_layers,
+)
 
 __all__ = ["Flux2Adapter"]
 
@@ -69,6 +77,46 @@ class Flux2Adapter(ModelAdapter):
         # FLUX.2 [dev] holds a Pixtral processor; its tokenizer is what turns ids into tokens
         return encoder, getattr(tokenizer, "tokenizer", tokenizer)
 
+    # -- encode and noise, with the pipeline's public prepare_image_latents and prepare_latents ------------
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        return Geometry(pipeline.vae_scale_factor * 2)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        embeds, text_ids = pipeline.encode_prompt(
+            prompt, device=device, max_sequence_length=max_sequence_length, **_hidden_layers(pipeline)
+        )
+        inputs = {"encoder_hidden_states": embeds.to(dtype), "txt_ids": text_ids}
+        if pipeline.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((1,), float(guidance), device=device)
+        return inputs
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """The latents of FLUX.2's 2 × 2-patchified, batch-normalised space, ``(1, 4C, h/2, w/2)``."""
+        dtype = pipeline.transformer.dtype
+        packed, _ = pipeline.prepare_image_latents([pixels], 1, None, pipeline.transformer.device, dtype)
+        h, w = (side // (pipeline.vae_scale_factor * 2) for side in pixels.shape[-2:])
+        return packed.permute(0, 2, 1).reshape(1, packed.shape[-1], h, w)  # tokens are row-major
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        _, channels, h, w = latents.shape
+        side = pipeline.vae_scale_factor * 2
+        x_t = flow_noised(latents, noise, t)
+        hidden, ids = pipeline.prepare_latents(
+            1, channels // 4, h * side, w * side, dtype, device, None, latents=x_t
+        )
+        return {
+            "hidden_states": hidden,
+            "img_ids": ids,
+            "timestep": torch.full((1,), float(t), device=device, dtype=dtype),
+        }
+
 
 def _grid(img_ids: torch.Tensor | None, n_image: int) -> np.ndarray:
     """``(n_image, 3)`` frame, y, x from ``(t, h, w, l)`` position ids; frame = rank of ``t``."""
@@ -79,3 +127,16 @@ def _grid(img_ids: torch.Tensor | None, n_image: int) -> np.ndarray:
     ids = (img_ids[0] if img_ids.ndim == 3 else img_ids).round().long().cpu().numpy()
     frame = np.unique(ids[:, 0], return_inverse=True)[1].reshape(-1)
     return np.stack([frame, ids[:, 1], ids[:, 2]], axis=1).astype(np.int64)
+
+
+def _hidden_layers(pipeline: Any) -> dict[str, Any]:
+    """The text encoder's hidden layers FLUX.2 stacks: the pipeline's default, or the last ones of an
+    encoder too shallow for it (a scaled-down model)."""
+    import inspect
+
+    default = inspect.signature(pipeline.encode_prompt).parameters.get("text_encoder_out_layers")
+    depth = getattr(getattr(pipeline.text_encoder, "config", None), "num_hidden_layers", None)
+    if default is None or not isinstance(depth, int) or max(default.default) <= depth:
+        return {}
+    n = len(default.default)
+    return {"text_encoder_out_layers": tuple(range(max(0, depth + 1 - n), depth + 1))}

@@ -25,11 +25,14 @@ from ._video import video_grid, video_layout
 from .base import (
     AttentionLayer,
     CallLayout,
+    Geometry,
     ModelAdapter,
     _prompts_for,
     _rows_for,
+    flow_noised,
     forward_arguments,
     stream_layers,
+    vae_mode,
 )
 
 __all__ = ["HunyuanVideoAdapter"]
@@ -80,3 +83,49 @@ class HunyuanVideoAdapter(ModelAdapter):
         return [
             label_tokens(tokenizer, row.tolist(), prompt=text) for row, text in zip(rows, texts, strict=True)
         ]
+
+    # -- encode and noise: latents z · scaling_factor, flow noise, timestep and guidance × 1000 --
+
+    max_sequence_length = 256
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        cfg = pipeline.transformer.config
+        spatial, temporal = pipeline.vae_scale_factor_spatial, pipeline.vae_scale_factor_temporal
+        return Geometry(spatial * cfg.patch_size, temporal, cfg.patch_size_t, 480)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        template = DEFAULT_PROMPT_TEMPLATE["template"]
+        # the template's head, cropped away after encoding, counted with this pipeline's own tokenizer
+        crop = len(pipeline.tokenizer(template.split("{}")[0])["input_ids"])
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        embeds, pooled, mask = pipeline.encode_prompt(
+            prompt,
+            prompt_2=prompt,
+            prompt_template={"template": template, "crop_start": crop},
+            device=device,
+            max_sequence_length=max_sequence_length,
+        )
+        inputs = {
+            "encoder_hidden_states": embeds.to(dtype),
+            "encoder_attention_mask": mask,
+            "pooled_projections": pooled.to(dtype),
+        }
+        if pipeline.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((1,), float(guidance) * 1000.0, device=device, dtype=dtype)
+        return inputs
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_mode(pipeline.vae, pixels) * pipeline.vae.config.scaling_factor
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        return {
+            "hidden_states": flow_noised(latents, noise, t).to(device, dtype),
+            "timestep": torch.full((1,), float(t) * 1000.0, device=device, dtype=dtype),
+        }

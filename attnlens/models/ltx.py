@@ -21,10 +21,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from ._video import BatchedCFG, SelfCrossAttention, grid_from_coords, video_grid, video_layout
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from ._video import (
+    BatchedCFG,
+    SelfCrossAttention,
+    _channels,
+    grid_from_coords,
+    text_inputs,
+    video_grid,
+    video_layout,
+)
+from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, flow_noised, forward_arguments, vae_mode
 
 __all__ = ["LTXVideoAdapter"]
 
@@ -59,3 +68,47 @@ class LTXVideoAdapter(BatchedCFG, SelfCrossAttention, ModelAdapter):
             # a 2-D mask is 1 where text is real; a 3-D one is already the additive bias
             text_mask=mask.detach().bool().cpu() if mask is not None and mask.ndim == 2 else None,
         )
+
+    # -- encode and noise: latents (z − mean) · scaling_factor / std, packed frame-major --
+
+    text_layers = "cross.*"  # self-attention layers hold no text keys
+    max_sequence_length = 128
+    #: frames per second that the pipeline's rotary positions assume by default
+    frame_rate = 25
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        p, p_t = pipeline.transformer_spatial_patch_size, pipeline.transformer_temporal_patch_size
+        return Geometry(
+            pipeline.vae_spatial_compression_ratio * p, pipeline.vae_temporal_compression_ratio, p_t, 480
+        )
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=True)
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        z = vae_mode(vae, pixels)
+        return (
+            (z - _channels(vae.latents_mean, z)) * vae.config.scaling_factor / _channels(vae.latents_std, z)
+        )
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        p, p_t = pipeline.transformer_spatial_patch_size, pipeline.transformer_temporal_patch_size
+        x_t = flow_noised(latents, noise, t)
+        b, c, f, h, w = x_t.shape
+        # tokens of p_t × p × p patches, frame-major then row-major, channels (c, dt, dy, dx): LTX's packing
+        patches = x_t.reshape(b, c, f // p_t, p_t, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        temporal, spatial = pipeline.vae_temporal_compression_ratio, pipeline.vae_spatial_compression_ratio
+        return {
+            "hidden_states": patches.reshape(b, -1, c * p_t * p * p).to(device, dtype),
+            "timestep": torch.full((1,), float(t) * 1000.0, device=device, dtype=dtype),
+            "num_frames": f // p_t,
+            "height": h // p,
+            "width": w // p,
+            "rope_interpolation_scale": (temporal / self.frame_rate, spatial, spatial),
+        }

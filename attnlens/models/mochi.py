@@ -18,13 +18,23 @@ batches CFG as ``[uncond | cond]`` rows under ``cache_context("cond_uncond")``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ._video import BatchedCFG, video_grid, video_layout
-from .base import REQUIRED, AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from ._video import BatchedCFG, _channels, text_inputs, video_grid, video_layout
+from .base import (
+    REQUIRED,
+    AttentionLayer,
+    CallLayout,
+    Geometry,
+    ModelAdapter,
+    flow_noised,
+    forward_arguments,
+    vae_mode,
+)
 
 __all__ = ["MochiAdapter"]
 
@@ -77,3 +87,37 @@ class MochiAdapter(BatchedCFG, ModelAdapter):
     def block_hidden(self, output: Any) -> torch.Tensor:
         hidden, encoder_hidden = output
         return torch.cat([hidden, encoder_hidden], dim=1)
+
+    # -- encode and noise: latents (z − mean) · scaling_factor / std, text with its padding mask --
+
+    max_sequence_length = 256
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        vae = pipeline.vae.config
+        spatial, temporal = math.prod(vae.spatial_expansions), math.prod(vae.temporal_expansions)
+        return Geometry(spatial * pipeline.transformer.config.patch_size, temporal, 1, 480)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=True)
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        z = vae_mode(vae, pixels)
+        if getattr(vae.config, "latents_mean", None) is None:
+            return z * vae.config.scaling_factor
+        mean, std = _channels(vae.config.latents_mean, z), _channels(vae.config.latents_std, z)
+        return (z - mean) * vae.config.scaling_factor / std
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        """Mochi's scheduler inverts sigmas: its transformer reads ``(1 − t) · 1000`` at flow time ``t``."""
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        scheduler = pipeline.scheduler.config
+        flow = (1 - t) if scheduler.get("invert_sigmas", False) else t
+        return {
+            "hidden_states": flow_noised(latents, noise, t).to(device, dtype),
+            "timestep": torch.full((1,), flow * scheduler.num_train_timesteps, device=device, dtype=dtype),
+        }

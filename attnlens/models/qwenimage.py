@@ -21,7 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import AttentionLayer, CallLayout, ModelAdapter, _prompts_for, _rows_for, forward_arguments
+from .base import (
+    AttentionLayer,
+    CallLayout,
+    Geometry,
+    ModelAdapter,
+    _prompts_for,
+    _rows_for,
+    flow_noised,
+    forward_arguments,
+    pack_2x2,
+    vae_mode,
+)
 
 __all__ = ["QwenImageAdapter"]
 
@@ -77,6 +88,43 @@ class QwenImageAdapter(ModelAdapter):
             kept = [i for i in row if i != pad][drop:][:n_text]
             labels.append(label_tokens(tokenizer, kept + [pad] * (n_text - len(kept)), prompt=prompt))
         return labels
+
+    # -- encode and noise: the VAE's mode of one frame, (z − mean) / std, 2 × 2 packing, img_shapes ---------
+
+    max_sequence_length = 1024  # the pipeline's
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        return Geometry(pipeline.vae_scale_factor * 2)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        embeds, mask = pipeline.encode_prompt(
+            prompt, device=pipeline.transformer.device, max_sequence_length=max_sequence_length
+        )
+        return {
+            "encoder_hidden_states": embeds.to(pipeline.transformer.dtype),
+            "encoder_hidden_states_mask": mask,
+        }
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        z = vae_mode(vae, pixels[:, :, None])[:, :, 0]  # the video VAE encodes one frame
+        view = (1, -1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(view)
+        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(view)
+        return (z - mean) / std
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        _, _, h, w = latents.shape
+        return {
+            "hidden_states": pack_2x2(flow_noised(latents, noise, t)).to(device, dtype),
+            "img_shapes": [[(1, h // 2, w // 2)]],
+            "timestep": torch.full((1,), float(t), device=device, dtype=dtype),
+        }
 
 
 def _grid(img_shapes: Any, n_image: int) -> np.ndarray:

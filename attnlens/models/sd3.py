@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, flow_noised, forward_arguments, vae_mode
 
 __all__ = ["SD3Adapter"]
 
@@ -129,3 +129,39 @@ class SD3Adapter(ModelAdapter):
                 t5.token_kind[:] = "pad"
             labels.append(concat_labels([clip, t5]))
         return labels
+
+    # -- encode and noise: the VAE's mode, (z − shift) · scale, unpacked latents (the transformer patches) --
+
+    max_sequence_length = 256  # the pipeline's T5 length
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        return Geometry(pipeline.vae_scale_factor * pipeline.transformer.config.patch_size)
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        dtype = pipeline.transformer.dtype
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompt,
+            prompt_2=prompt,
+            prompt_3=prompt,
+            device=pipeline.transformer.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipeline.vae
+        return (vae_mode(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        return {
+            "hidden_states": flow_noised(latents, noise, t).to(device, dtype),
+            "timestep": torch.full(
+                (1,), float(t) * 1000, device=device, dtype=dtype
+            ),  # the scheduler's value
+        }

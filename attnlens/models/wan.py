@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from ._video import SelfCrossAttention, video_grid, video_layout
-from .base import AttentionLayer, CallLayout, ModelAdapter, forward_arguments
+from ._video import SelfCrossAttention, _channels, text_inputs, video_grid, video_layout
+from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, flow_noised, forward_arguments, vae_mode
 
 __all__ = ["WanAdapter"]
 
@@ -61,3 +62,44 @@ class WanAdapter(SelfCrossAttention, ModelAdapter):
             1 if layer.kind == "cross" and getattr(layer.module, "add_k_proj", None) is not None else 0
         )
         return slice(None) if call == text_call else None
+
+    # -- encode and noise: latents (z − mean) / std, flow noise, timestep t · 1000 -------------------------
+
+    text_layers = "cross.*"  # self-attention layers hold no text keys
+
+    def geometry(self, pipeline: Any) -> Geometry:
+        p_t, p_h, _ = pipeline.transformer.config.patch_size
+        return Geometry(pipeline.vae_scale_factor_spatial * p_h, pipeline.vae_scale_factor_temporal, p_t, 480)
+
+    def denoiser(self, pipeline: Any, t: float) -> nn.Module:
+        """Wan 2.2 A14B's low-noise ``transformer_2`` below its ``boundary_ratio``, else ``transformer``."""
+        boundary = getattr(pipeline.config, "boundary_ratio", None)
+        second = getattr(pipeline, "transformer_2", None)
+        return (
+            second if boundary is not None and second is not None and t < boundary else pipeline.transformer
+        )
+
+    def prompt_inputs(
+        self, pipeline: Any, prompt: str, max_sequence_length: int, guidance: float
+    ) -> dict[str, Any]:
+        return text_inputs(pipeline, prompt, max_sequence_length, masked=False)
+
+    def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        z = vae_mode(pipeline.vae, pixels)
+        return (z - _channels(pipeline.vae.config.latents_mean, z)) / _channels(
+            pipeline.vae.config.latents_std, z
+        )
+
+    def noised_inputs(
+        self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
+    ) -> dict[str, Any]:
+        transformer = self.denoiser(pipeline, t)
+        x_t = flow_noised(latents, noise, t).to(transformer.device, transformer.dtype)
+        timestep = torch.full(
+            (1,), t * pipeline.scheduler.config.num_train_timesteps, device=transformer.device
+        )
+        if getattr(pipeline.config, "expand_timesteps", False):  # Wan 2.2 TI2V: one timestep per token
+            p_t, p_h, p_w = transformer.config.patch_size
+            _, _, f, h, w = x_t.shape
+            timestep = timestep.expand(1, (f // p_t) * (h // p_h) * (w // p_w))
+        return {"hidden_states": x_t, "timestep": timestep}

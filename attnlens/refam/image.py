@@ -252,46 +252,89 @@ class _ShapesBackend(_Backend):
         pipe.velocity(x_t, torch.full((1,), float(t), device=pipe.device), text)
 
 
-class _FluxBackend(_Backend):
+class _PipelineBackend(_Backend):
+    """A diffusers pipeline of a family whose adapter encodes and noises (DESIGN.md §3).
+
+    Images are ``(side, side, 3)`` uint8, clips ``(T, side, side, 3)``; the adapter's
+    :meth:`~attnlens.models.base.ModelAdapter.encode_pixels` and ``noised_inputs`` turn them into
+    the transformer's inputs, and its ``encode_prompt`` the prompt into text inputs and the labels
+    of the text keys. Encodings are cached per pixels and prompt: the GAS probe and several
+    forwards encode once. The noise is drawn on the CPU from ``seed``, so that a seed gives the
+    same noise on any device.
+    """
+
     def __init__(self, pipe: Any, options: RefamOptions) -> None:
-        self.pipe, self.transformer, self.tokenizer = pipe, pipe.transformer, pipe.tokenizer_2
-        self.options = options
-        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
-        self.max_length = options.max_sequence_length or min(512, limit)
-        step = pipe.vae_scale_factor * 2  # one token covers 2 × 2 latents
-        side = options.resolution or 1024
-        self.side = max(step, round(side / step) * step)
+        from ..models.registry import resolve
+
+        self.adapter, _, self.pipe = resolve(pipe)
+        self.options, self.max_length = options, 0
+        if getattr(pipe, "vae", None) is None:
+            raise UnsupportedModelError(
+                f"RefAM encodes images with the {type(pipe).__name__}'s VAE; it has none"
+            )
+        geometry = self.adapter.geometry(pipe)
+        step = geometry.pixels_per_token
+        self.temporal, self.patch_t = geometry.frames_per_latent, geometry.latents_per_token_frame
+        self.side = max(step, round((options.resolution or geometry.default_side) / step) * step)
+        self.transformer = self.adapter.denoiser(pipe, options.t)
+        self.layers = self.gas_layers = self.adapter.text_layers
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    def tokenizer(self, text: str) -> tuple[list[int], TokenLabels]:
+        """The pipeline's encoding of ``text``: no ids of one tokenizer, the labels of the text keys."""
+        return [], self._text(text)[1]
+
+    def _text(self, text: str) -> tuple[dict[str, Any], TokenLabels]:
+        def make() -> tuple[dict[str, Any], TokenLabels]:
+            return self.adapter.encode_prompt(
+                self.pipe,
+                text,
+                max_sequence_length=self.options.max_sequence_length,
+                guidance=self.options.guidance,
+            )
+
+        return self._cached("text", text, make)
+
+    def _cached(self, key: str, ref: Any, make: Any) -> Any:
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not ref:
+            hit = (ref, make())
+            self._cache[key] = hit
+        return hit[1]
 
     @torch.no_grad()
-    def forward(self, rgb: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
-        pipe, vae = self.pipe, self.pipe.vae
-        device, dtype = pipe.transformer.device, pipe.transformer.dtype
-        pixels = torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        b, c, h, w = latents.shape
-        packed = pipe._pack_latents(latents, b, c, h, w).to(device, dtype)
-        noise = torch.randn(packed.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-        x_t = (1 - t) * packed + t * noise
-        embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt.text, prompt_2=prompt.text, device=device, max_sequence_length=self.max_length
-        )
-        guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((1,), float(self.options.guidance), device=device)
-        pipe.transformer(
-            hidden_states=x_t,
-            timestep=torch.full((1,), float(t), device=device, dtype=dtype),
-            guidance=guidance,
-            pooled_projections=pooled.to(dtype),
-            encoder_hidden_states=embeds.to(dtype),
-            txt_ids=text_ids,
-            img_ids=pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype),
-            return_dict=False,
-        )
+    def latents(self, pixels: np.ndarray) -> torch.Tensor:
+        """``(side, side, 3)`` or ``(T, side, side, 3)`` uint8 → the family's latents, cached."""
+
+        def make() -> torch.Tensor:
+            x = torch.tensor(pixels, dtype=torch.float32) / 127.5 - 1
+            x = x.permute(2, 0, 1)[None] if x.ndim == 3 else x.permute(3, 0, 1, 2)[None]
+            z = self.adapter.encode_pixels(self.pipe, x)
+            if z.ndim == 5:
+                expected = (len(pixels) - 1) // self.temporal + 1
+                if z.shape[2] != expected:
+                    raise RefamError(
+                        f"the VAE encoded {len(pixels)} frames into {z.shape[2]} latent frames, not the "
+                        f"{expected} that a temporal compression of {self.temporal} gives"
+                    )
+                extra = -z.shape[2] % self.patch_t  # CogVideoX 1.5 patches 2 latent frames: repeat the last
+                if extra:
+                    z = torch.cat([z, z[:, :, -1:].expand(-1, -1, extra, -1, -1)], dim=2)
+            return z
+
+        return self._cached("latents", pixels, make)
+
+    @torch.no_grad()
+    def forward(self, pixels: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
+        latents = self.latents(pixels)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        inputs = self.adapter.noised_inputs(self.pipe, latents, noise, t)
+        inputs = self.adapter.forward_inputs(self.pipe, inputs, self._text(prompt.text)[0])
+        self.transformer(**inputs, return_dict=False)
 
 
 def _backend(model: Any, options: RefamOptions) -> _Backend:
+    """The embedded ShapesPipeline, or a diffusers pipeline of any family whose adapter encodes images."""
     from ..zoo.shapes import ShapesPipeline
 
     if isinstance(model, str):
@@ -300,16 +343,13 @@ def _backend(model: Any, options: RefamOptions) -> _Backend:
         model = zoo.load(model)
     if isinstance(model, ShapesPipeline):
         return _ShapesBackend(model, options)
-    try:
-        from diffusers import FluxPipeline
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        FluxPipeline = ()
-    if isinstance(model, FluxPipeline):
-        return _FluxBackend(model, options)
-    raise UnsupportedModelError(
-        f"refam.segment takes a diffusers FluxPipeline, an attnlens ShapesPipeline or a zoo model name; "
-        f"got {type(model).__name__}"
-    )
+    if not isinstance(getattr(model, "transformer", None), torch.nn.Module):
+        raise UnsupportedModelError(
+            "RefAM takes a diffusers pipeline of an image family (FLUX.1, FLUX.2, SD3/3.5, Qwen-Image, "
+            "Chroma) or, for videos, a video family (Wan, CogVideoX, Mochi, HunyuanVideo, LTX), an attnlens "
+            f"ShapesPipeline or a zoo model name; got {type(model).__name__}"
+        )
+    return _PipelineBackend(model, options)
 
 
 # -- steps -------------------------------------------------------------------------------------------

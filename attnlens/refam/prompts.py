@@ -15,6 +15,7 @@ them and aggregation can leave them out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +129,10 @@ def build_prompt(
 
     Args:
         expression: the referring expression, or its :func:`~attnlens.refam.parse` result.
-        tokenizer: the tokenizer of the model's (last) text encoder (FLUX: T5).
+        tokenizer: the tokenizer of the model's text encoder, or a function ``prompt → (input ids,
+            TokenLabels)`` that encodes the prompt as a pipeline does (an adapter's
+            :meth:`~attnlens.models.base.ModelAdapter.encode_prompt`): its tokens from the
+            magnets' first character on are labelled ``magnet``.
         max_length: the encoder's sequence length; the ids are padded to it.
         caption: see :func:`compose`.
         magnets: appended stop words (default :data:`DEFAULT_MAGNETS`).
@@ -147,7 +151,11 @@ def build_prompt(
     text, span, magnet_start, appended = compose(
         parsed.text, caption=caption, magnets=magnets if append else (), colour=colour if append else None
     )
-    ids, labels = label_prompt(tokenizer, text, max_length=max_length, magnet_start=magnet_start)
+    if callable(tokenizer) and not hasattr(tokenizer, "convert_ids_to_tokens"):
+        ids, labels = tokenizer(text)
+        labels = _with_magnets(labels, magnet_start)
+    else:
+        ids, labels = label_prompt(tokenizer, text, max_length=max_length, magnet_start=magnet_start)
     words = (parsed.head,) if targets == "head" else tuple(w for w in parsed.phrase if w not in SPATIAL_WORDS)
     starts = labels.char_start if labels.char_start is not None else np.full(len(labels), -1)
     inside = (starts >= span[0]) & (starts < span[1])
@@ -160,3 +168,12 @@ def build_prompt(
         )
     magnet = np.flatnonzero(labels.token_kind == "magnet")
     return RefamPrompt(text, span, magnet_start, appended, words, ids, labels, target, magnet)
+
+
+def _with_magnets(labels: TokenLabels, magnet_start: int | None) -> TokenLabels:
+    """``labels`` with the tokens of the words from character ``magnet_start`` on labelled ``magnet``."""
+    if magnet_start is None or labels.char_start is None:
+        return labels
+    appended = (labels.char_start >= magnet_start) & (labels.word_index >= 0)
+    kinds = np.where(appended, "magnet", labels.token_kind).astype(object)
+    return dataclasses.replace(labels, token_kind=kinds)

@@ -32,7 +32,6 @@ import torch
 import xarray as xr
 from PIL import Image
 
-from ..errors import UnsupportedModelError
 from .errors import EmptyVideoError, RefamError, SegmenterMismatchError
 from .image import (
     RefamOptions,
@@ -43,6 +42,7 @@ from .image import (
     _heat,
     _info,
     _options,
+    _PipelineBackend,
     _points,
     _prompt,
     _resized,
@@ -151,259 +151,26 @@ class _Frames:
         return np.concatenate(crosses, axis=1), np.concatenate(grids), names, np.arange(len(clip))
 
 
-class _VideoBackend(_Backend):
-    """A video DiT pipeline: its VAE encodes the clip, its transformer runs one noised forward.
-
-    Subclasses set ``temporal`` (input frames per latent frame), ``spatial`` (pixels per latent),
-    ``patch_t`` and ``patch`` (latent frames and latents per token side), and implement
-    :meth:`encode_video` and :meth:`run`. Encodings are cached per clip and prompt: the GAS probe
-    and several forwards encode once. The noise is drawn on the CPU from ``seed``, so that a seed
-    gives the same noise on any device.
-    """
-
-    temporal: int
-    patch_t: int = 1
-    spatial: int
-    patch: int
-    default_side = 480
-
-    def __init__(self, pipe: Any, options: RefamOptions) -> None:
-        self.pipe, self.options = pipe, options
-        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
-        step = self.spatial * self.patch  # one token covers patch × patch latents
-        side = options.resolution or self.default_side
-        self.side = max(step, round(side / step) * step)
-        self._cache: dict[str, tuple[Any, Any]] = {}
-
-    def attention(
-        self, clip: np.ndarray, prompt: RefamPrompt, opts: RefamOptions, info: dict[str, Any]
-    ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-        """``(cross (layer, query, key_text), grid (query, 3), layer names, token frame (T,))``."""
-        r, n = self.temporal, len(clip)
-        padded = 1 + r * math.ceil((n - 1) / r)  # the causal VAEs encode 1 + r·k frames
-        clip = np.concatenate([clip, np.repeat(clip[-1:], padded - n, axis=0)])
-        cross, grid, names = _attention(self, clip, prompt, opts, info)
-        latent = -(-np.arange(n) // r)  # ceil(i / r): frame 0 alone, then r frames per latent frame
-        return cross, grid, names, latent // self.patch_t
-
-    def _cached(self, key: str, ref: Any, make: Any) -> Any:
-        hit = self._cache.get(key)
-        if hit is None or hit[0] is not ref:
-            hit = (ref, make())
-            self._cache[key] = hit
-        return hit[1]
-
-    @torch.no_grad()
-    def latents(self, clip: np.ndarray) -> torch.Tensor:
-        """The clip ``(T, side, side, 3)`` uint8 → latents ``(1, C, F, h, w)``, F a multiple of patch_t."""
-
-        def make() -> torch.Tensor:
-            pixels = torch.tensor(clip, dtype=torch.float32).permute(3, 0, 1, 2)[None] / 127.5 - 1
-            z = self.encode_video(pixels.to(self.vae.device, self.vae.dtype)).float()
-            expected = (len(clip) - 1) // self.temporal + 1
-            if z.shape[2] != expected:
-                raise RefamError(
-                    f"the VAE encoded {len(clip)} frames into {z.shape[2]} latent frames, not the "
-                    f"{expected} that a temporal compression of {self.temporal} gives"
-                )
-            extra = -z.shape[2] % self.patch_t  # CogVideoX 1.5 patches 2 latent frames: repeat the last
-            return torch.cat([z, z[:, :, -1:].expand(-1, -1, extra, -1, -1)], dim=2) if extra else z
-
-        return self._cached("latents", clip, make)
-
-    def forward(self, pixels: np.ndarray, prompt: RefamPrompt, t: float, seed: int) -> None:
-        latents = self.latents(pixels)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
-        self.run(latents, noise, prompt, t)
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(1, 3, T, H, W)`` in ``[-1, 1]`` → normalised latents ``(1, C, F, h, w)``."""
-        raise NotImplementedError
-
-    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
-        """One transformer forward on the latents noised to flow time ``t``."""
-        raise NotImplementedError
-
-    def _text(self, prompt: RefamPrompt) -> tuple:
-        """The pipeline's ``encode_prompt`` without CFG, cached: the probe and the forwards share it."""
-        return self._cached(
-            "text",
-            prompt,
-            lambda: self.pipe.encode_prompt(
-                prompt.text,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_length,
-                device=self.transformer.device,
-            ),
-        )
-
-    def _scale(self, key: str, z: torch.Tensor) -> torch.Tensor:
-        values = getattr(self.vae.config, key, None)
-        return torch.tensor(values, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
-
-    def _flow(self, latents: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
-        x_t = (1 - t) * latents + t * noise
-        return x_t.to(self.transformer.device, self.transformer.dtype)
+def _clip_attention(
+    backend: _PipelineBackend, clip: np.ndarray, prompt: RefamPrompt, opts: RefamOptions, info: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """A video DiT on the whole clip: ``(cross (layer, query, key_text), grid (query, 3), layer names,
+    token frame of each input frame (T,))``. The clip is padded with its last frame to the
+    ``1 + r·k`` frames a causal VAE of temporal compression ``r`` encodes."""
+    r, n = backend.temporal, len(clip)
+    padded = 1 + r * math.ceil((n - 1) / r)
+    clip = np.concatenate([clip, np.repeat(clip[-1:], padded - n, axis=0)])
+    cross, grid, names = _attention(backend, clip, prompt, opts, info)
+    latent = -(-np.arange(n) // r)  # ceil(i / r): frame 0 alone, then r frames per latent frame
+    return cross, grid, names, latent // backend.patch_t
 
 
-class _WanBackend(_VideoBackend):
-    """Wan 2.1 / 2.2: latents ``(z − mean) / std``; timestep ``t · 1000``; cross-attention layers only.
-
-    Wan 2.2 A14B holds a high-noise ``transformer`` and a low-noise ``transformer_2`` and switches at
-    ``boundary_ratio``; the one the pipeline would use at ``t`` runs. Wan 2.2 TI2V passes one
-    timestep per token (``expand_timesteps``).
-    """
-
-    layers = gas_layers = "cross.*"  # self-attention layers hold no text keys
-
-    def __init__(self, pipe: Any, options: RefamOptions) -> None:
-        self.temporal, self.spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        self.patch_t, self.patch = pipe.transformer.config.patch_size[:2]
-        super().__init__(pipe, options)
-        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
-        self.max_length = options.max_sequence_length or min(512, limit)
-        self.steps = pipe.scheduler.config.num_train_timesteps
-        boundary = getattr(pipe.config, "boundary_ratio", None)
-        second = getattr(pipe, "transformer_2", None)
-        low_noise = boundary is not None and second is not None and options.t < boundary
-        self.transformer = second if low_noise else pipe.transformer
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(pixels).latent_dist.mode()
-        return (z - self._scale("latents_mean", z)) / self._scale("latents_std", z)
-
-    @torch.no_grad()
-    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
-        device = self.transformer.device
-        embeds = self._text(prompt)[0]
-        x_t = self._flow(latents, noise, t)
-        timestep = torch.full((1,), t * self.steps, device=device)
-        if getattr(self.pipe.config, "expand_timesteps", False):
-            _, _, f, h, w = x_t.shape
-            timestep = timestep.expand(1, f * (h // self.patch) * (w // self.patch))
-        self.transformer(
-            hidden_states=x_t,
-            timestep=timestep,
-            encoder_hidden_states=embeds.to(self.transformer.dtype),
-            return_dict=False,
-        )
-
-
-class _CogVideoXBackend(_VideoBackend):
-    """CogVideoX: latents ``z · scaling_factor``, frame-first; DDPM noising by the scheduler; 3D RoPE.
-
-    CogVideoX is a v-prediction DDPM model, not a flow: the clip is noised with the scheduler's
-    ``add_noise`` at the training timestep nearest ``t · num_train_timesteps``. The text is padded
-    to the transformer's ``max_text_seq_length``.
-    """
-
-    def __init__(self, pipe: Any, options: RefamOptions) -> None:
-        config = pipe.transformer.config
-        self.temporal, self.spatial = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        self.patch, self.patch_t = config.patch_size, config.patch_size_t or 1
-        super().__init__(pipe, options)
-        self.transformer = pipe.transformer
-        self.max_length = config.max_text_seq_length
-        if options.max_sequence_length not in (None, self.max_length):
-            raise RefamError(
-                f"CogVideoX reads text of its transformer's max_text_seq_length ({self.max_length}) tokens; "
-                "leave max_sequence_length=None"
-            )
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
-        pipe, device, dtype = self.pipe, self.transformer.device, self.transformer.dtype
-        embeds = self._text(prompt)[0]
-        steps = pipe.scheduler.config.num_train_timesteps
-        timestep = torch.tensor([min(steps - 1, max(0, round(t * steps)))])
-        x_t = pipe.scheduler.add_noise(latents, noise, timestep)
-        x_t = x_t.permute(0, 2, 1, 3, 4).to(device, dtype)  # CogVideoX latents are frame-first
-        _, frames, _, h, w = x_t.shape
-        rotary = None
-        if self.transformer.config.use_rotary_positional_embeddings:
-            height, width = h * self.spatial, w * self.spatial
-            rotary = pipe._prepare_rotary_positional_embeddings(height, width, frames, device)
-        self.transformer(
-            hidden_states=x_t,
-            encoder_hidden_states=embeds.to(dtype),
-            timestep=timestep.to(device),
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )
-
-
-class _MochiBackend(_VideoBackend):
-    """Mochi 1: latents ``(z − mean) · scaling_factor / std``; text with its padding mask.
-
-    Mochi's scheduler inverts sigmas: its transformer reads the timestep ``(1 − t) · 1000`` at flow
-    time ``t``; a scheduler that does not invert gives ``t · 1000``, as the pipeline would.
-    """
-
-    def __init__(self, pipe: Any, options: RefamOptions) -> None:
-        vae = pipe.vae.config
-        self.temporal, self.spatial = math.prod(vae.temporal_expansions), math.prod(vae.spatial_expansions)
-        self.patch = pipe.transformer.config.patch_size
-        super().__init__(pipe, options)
-        self.transformer = pipe.transformer
-        limit = int(getattr(self.tokenizer, "model_max_length", 256) or 256)
-        self.max_length = options.max_sequence_length or min(256, limit)
-
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(pixels).latent_dist.mode()
-        if getattr(self.vae.config, "latents_mean", None) is None:
-            return z * self.vae.config.scaling_factor
-        return (
-            (z - self._scale("latents_mean", z))
-            * self.vae.config.scaling_factor
-            / self._scale("latents_std", z)
-        )
-
-    @torch.no_grad()
-    def run(self, latents: torch.Tensor, noise: torch.Tensor, prompt: RefamPrompt, t: float) -> None:
-        device, dtype = self.transformer.device, self.transformer.dtype
-        embeds, mask = self._text(prompt)[:2]  # Mochi's text comes with its padding mask
-        scheduler = self.pipe.scheduler.config
-        flow = (1 - t) if scheduler.get("invert_sigmas", False) else t
-        self.transformer(
-            hidden_states=self._flow(latents, noise, t),
-            encoder_hidden_states=embeds.to(dtype),
-            timestep=torch.full((1,), flow * scheduler.num_train_timesteps, device=device, dtype=dtype),
-            encoder_attention_mask=mask,
-            return_dict=False,
-        )
-
-
-def _video_backend(model: Any, options: RefamOptions) -> _VideoBackend | _Frames:
+def _video_backend(model: Any, options: RefamOptions) -> _PipelineBackend | _Frames:
     """The backend of a video pipeline, or an image model's backend run frame by frame."""
-    if isinstance(model, str):
-        from .. import zoo
-
-        model = zoo.load(model)
-    try:  # image models first: the embedded one needs no diffusers pipeline import
-        return _Frames(_image_backend(model, options))
-    except UnsupportedModelError:
-        pass
-    from diffusers import CogVideoXPipeline, MochiPipeline, WanPipeline
-
-    for pipeline, backend in (
-        (WanPipeline, _WanBackend),
-        (CogVideoXPipeline, _CogVideoXBackend),
-        (MochiPipeline, _MochiBackend),
-    ):
-        if isinstance(model, pipeline):
-            if getattr(model, "vae", None) is None:
-                raise UnsupportedModelError(
-                    f"refam.segment_video encodes clips with the {pipeline.__name__}'s VAE; this one has none"
-                )
-            return backend(model, options)
-    raise UnsupportedModelError(
-        "refam.segment_video takes a diffusers WanPipeline, CogVideoXPipeline or MochiPipeline, an "
-        "image model that refam.segment takes (run frame by frame), or a zoo model name; got "
-        f"{type(model).__name__}"
-    )
+    backend = _image_backend(model, options)
+    if isinstance(backend, _PipelineBackend) and backend.temporal > 1:
+        return backend
+    return _Frames(backend)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
@@ -455,7 +222,10 @@ def segment_video(
     prompt = _prompt(parsed, backend, opts)
     info = _info(backend, parsed)
     work = np.stack([_resized(frame, backend.side) for frame in clip])
-    cross, grid, layer_names, token_frame = backend.attention(work, prompt, opts, info)
+    if isinstance(backend, _Frames):
+        cross, grid, layer_names, token_frame = backend.attention(work, prompt, opts, info)
+    else:
+        cross, grid, layer_names, token_frame = _clip_attention(backend, work, prompt, opts, info)
     maps = _aggregate(cross, grid, layer_names, prompt, parsed, opts)
     maps["token_frame"] = ("input_frame", token_frame)
     info.update(grid=tuple(maps["heatmap"].shape), temporal_compression=backend.temporal)
