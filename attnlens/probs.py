@@ -36,8 +36,8 @@ __all__ = ["FullSink", "Redirect", "attention_slices", "incoming_mass", "placed_
 RECOMPUTE = "recompute"
 #: ``key_mass`` summed by one pass over the query rows, given the kernel's ``lse``
 ROWS_PASS = "pass over rows"
-#: devices on which :func:`incoming_mass` makes one reverse kernel call by default (elsewhere: the pass)
-REVERSE_CALL_DEVICES = ("cuda",)
+#: whether :func:`incoming_mass` makes one reverse kernel call by default (else: one pass over the rows)
+REVERSE_CALL = True
 
 
 class FullSink(Protocol):
@@ -136,7 +136,8 @@ def attention_slices(
         full: where the rows of ``full`` go (default: a new tensor, returned as ``"full"``).
         redirect: the linear edit of a redirect intervention, applied per head before the
             reduction.
-        reverse: how :func:`incoming_mass` sums ``key_mass`` from ``lse`` (default: by device).
+        reverse: whether :func:`incoming_mass` sums ``key_mass`` by one reverse kernel call (the
+            default) or by one pass over the rows.
         paths: filled with where the normalisers came from: ``{"lse": "kernel" | "recompute",
             "key_mass": "reverse call:<kernel>" | "pass over rows" | "recompute"}``.
 
@@ -307,8 +308,7 @@ def incoming_mass(
 ) -> tuple[torch.Tensor, str]:
     """``Σ_q P[q, k]`` ``(batch, heads, key)`` given the normaliser ``lse``, and the path it took.
 
-    Two exact ways, chosen by ``reverse`` (default: the reverse call on a GPU, the pass on a
-    CPU, where it is the faster, as ``benchmarks/capture_overhead.py`` measures):
+    Two exact ways, chosen by ``reverse`` (default: the reverse call):
 
     - one *reverse* kernel call attends from the keys to the queries with ``−lse_q`` added to
       the logits of query ``q``; its log-sum-exp is ``lse′_k = log Σ_q exp(q·k·s + mask[q, k]
@@ -320,8 +320,9 @@ def incoming_mass(
       kernel multiplies by 1 and sums in float32. Where no fused kernel takes the call, the
       pass runs instead.
     - one pass over chunks of query rows sums ``exp(q·k·s − lse_q)``: a matrix product with
-      ``−lse`` as its initial value, and an exponential (path ``"pass over rows"``). Unlike the
-      kernel it skips the product with the values, half of an attention call's arithmetic.
+      ``−lse`` as its initial value, and an exponential (path ``"pass over rows"``). It skips
+      the kernel's product with the values, but holds a chunk of logits in memory, where the
+      kernel keeps them in its tiles: ``benchmarks/capture_overhead.py`` measures both.
 
     ``lse`` is ``+inf`` on rows masked out everywhere; they add nothing.
 
@@ -336,7 +337,7 @@ def incoming_mass(
     """
     mask = _mask4(attn_mask)
     if reverse is None:
-        reverse = query.device.type in REVERSE_CALL_DEVICES
+        reverse = REVERSE_CALL
     found = _reverse_call(query, key, lse, scale, mask) if reverse else None
     if found is not None:
         return found
