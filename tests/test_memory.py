@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent(
     from attnlens.testing import tiny_flux_transformer, flux_inputs
 
     side, chunk_bytes, keep = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    attnlens.probs.REVERSE_CALL = False  # key_mass by the pass over the rows, in chunks of chunk_bytes
     torch.set_num_threads(1)
     model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
     inputs = flux_inputs(model, height=side, width=side, text_len=8)
