@@ -283,12 +283,12 @@ def intervened_attention(
     >>> torch.equal(out, ref)
     True
     """
-    mask, value = _intervened(drop, onto, attn_mask, value)
+    mask, value = intervened_inputs(drop, onto, attn_mask, value)
     out, lse, _ = kernels.attention(query, key, value, mask, 0.0, is_causal, scale)
     return out, lse
 
 
-def _intervened(
+def intervened_inputs(
     drop: torch.Tensor, onto: torch.Tensor | None, attn_mask: torch.Tensor | None, value: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The mask and values of an intervened call (out of place, so that gradients flow)."""

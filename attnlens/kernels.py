@@ -146,7 +146,7 @@ def _choose(
 
 def _flash_cpu(q, k, v, mask, is_causal, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=_additive(mask, q.dtype, float("-inf")), scale=scale
+        q, k, v, 0.0, is_causal, attn_mask=additive_mask(mask, q.dtype), scale=scale
     )
 
 
@@ -164,7 +164,7 @@ def _flash_cuda(q, k, v, mask, is_causal, scale):
 
 
 def _efficient_cuda(q, k, v, mask, is_causal, scale):
-    bias = _additive(mask, q.dtype, float("-inf"))
+    bias = additive_mask(mask, q.dtype)
     if bias is not None:  # as SDPA: the bias padded to an aligned stride, then expanded
         if not (all(s % 8 == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1):
             n = bias.shape[-1]
@@ -178,7 +178,7 @@ def _efficient_cuda(q, k, v, mask, is_causal, scale):
 
 def _cudnn_cuda(q, k, v, mask, is_causal, scale):
     out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, _additive(mask, q.dtype, -65504.0), True, 0.0, is_causal, False, scale=scale
+        q, k, v, additive_mask(mask, q.dtype, -65504.0), True, 0.0, is_causal, False, scale=scale
     )
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]]
 
@@ -191,7 +191,9 @@ _KERNELS: dict[tuple[str, int], tuple[str, Kernel]] = {
 }
 
 
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype, masked: float) -> torch.Tensor | None:
+def additive_mask(
+    mask: torch.Tensor | None, dtype: torch.dtype, masked: float = float("-inf")
+) -> torch.Tensor | None:
     """A boolean mask (True = attend) as the additive one SDPA makes of it; other masks unchanged."""
     if mask is None or mask.dtype != torch.bool:
         return mask

@@ -354,7 +354,7 @@ def _reverse_call(
     attends = torch.isfinite(lse)
     key_part = query_part = full = None
     if mask is not None:
-        additive = _additive(mask)
+        additive = kernels.additive_mask(mask, torch.float32)
         if additive.shape[2] == 1:
             key_part = additive[:, :, 0]  # (batch|1, heads|1, key)
         elif additive.shape[3] == 1:
@@ -516,12 +516,6 @@ def _mask4(mask: torch.Tensor | None) -> torch.Tensor | None:
         return None
     while mask.ndim < 4:
         mask = mask.unsqueeze(0)
-    return mask
-
-
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
     return mask
 
 

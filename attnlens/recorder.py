@@ -32,7 +32,7 @@ from . import kernels
 from .errors import CaptureTooLargeError, HookError, LayoutError
 from .grouping import Grouping, Run, branch_groups, rows_of
 from .hooks import AttentionCall
-from .interventions import Intervener, _intervened
+from .interventions import Intervener, intervened_inputs
 from .models.base import AttentionLayer, CallLayout, ModelAdapter
 from .probs import RECOMPUTE, FullSink, Redirect, TensorSink, attention_slices, placed_slices
 from .schema import CapturedStep, SampleGroup, assemble, config_hash
@@ -148,7 +148,7 @@ class Recorder:
             keys = None if positions is None else positions[1].to(torch.long).cpu()
             plan = self.intervener.plan(layout, self.grouping.runs[-1].labels, row_index, keys)
             if plan is not None:
-                mask, value = _intervened(*plan, mask, value)
+                mask, value = intervened_inputs(*plan, mask, value)
         out = lse = None
         kernel = RECOMPUTE
         if call.fused or plan is not None:  # SDPA's own output, through its kernel, with the normaliser
