@@ -124,12 +124,8 @@ WAN_1_3B = dict(
 def sd35(smoke: bool) -> Workload:
     from diffusers import SD3Transformer2DModel
 
-    config = dict(SD35_LARGE)
-    if smoke:
-        small = dict(attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32, in_channels=4)
-        config.update(
-            small, num_layers=2, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4
-        )
+    from attnlens.testing import tiny_sd3
+
     latent, text = (16, 20) if smoke else (128, 333)  # 77 CLIP + 256 T5 tokens
     n_image = (latent // 2) ** 2
 
@@ -145,7 +141,7 @@ def sd35(smoke: bool) -> Workload:
 
     return Workload(
         f"SD3.5-large architecture, {8 * latent}² ({n_image} image + {text} text tokens)",
-        lambda: SD3Transformer2DModel(**config),
+        tiny_sd3 if smoke else lambda: SD3Transformer2DModel(**SD35_LARGE),
         inputs,
         lambda n_key: (slice(0, n_image), slice(n_image, None)) if n_key == n_image + text else None,
     )

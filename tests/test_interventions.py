@@ -22,6 +22,7 @@ from attnlens.testing import (
     flux_inputs,
     tiny_cogvideox_transformer,
     tiny_mochi_transformer,
+    tiny_sd3,
     tiny_wan_transformer,
 )
 
@@ -241,14 +242,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 def _sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
-        out_channels=4,
-    ).eval()  # fmt: skip
+    model = tiny_sd3()
     inputs = dict(
         hidden_states=_rand(2, 4, 6, 10),
         encoder_hidden_states=_rand(2, N_TEXT, 32, seed=1),
