@@ -184,7 +184,7 @@ class Recorder:
     # -- full, chunk by chunk ------------------------------------------------------------------
 
     def full_sink(
-        self, layer: str, rows: torch.Tensor | None, shape: tuple[int, ...], device: Any
+        self, layer: str, rows: torch.Tensor | None, shape: tuple[int, ...], device: Any, whole: bool
     ) -> FullSink:
         """The sink of ``full`` for one call of ``layer`` in the running forward.
 
@@ -193,10 +193,14 @@ class Recorder:
             rows: the forward's batch rows the call holds, consecutive (``None``: all).
             shape: ``(forward batch, head, query_all, key)`` of the layer's ``full`` in this forward.
             device: where the math runs.
+            whole: whether the call writes every entry (all rows, the joint sequence); otherwise
+                what no call writes stays NaN.
         """
         tensor = self._partial.get(("full", layer))
         if tensor is None:
-            tensor = torch.full(shape, float("nan"), dtype=self.spec.dtype, device=self.spec.device)
+            tensor = torch.empty(shape, dtype=self.spec.dtype, device=self.spec.device)
+            if not whole:  # a pass over N² entries, spared where the call writes them all
+                tensor.fill_(float("nan"))
             self._partial[("full", layer)] = tensor
         return TensorSink(tensor, slice(None) if rows is None else slice(int(rows[0]), int(rows[-1]) + 1))
 
@@ -276,7 +280,8 @@ class Recorder:
         sink = None
         if "full" in keeps:
             shape = (forward.batch, n_heads, forward.seq_len, forward.seq_len)
-            sink = self.full_sink(layer.name, rows, shape, query.device)
+            whole = rows is None and positions is None
+            sink = self.full_sink(layer.name, rows, shape, query.device, whole)
         paths: dict[str, str] = {}
         options: dict[str, Any] = dict(
             scale=call.scale,
