@@ -12,11 +12,11 @@ from . import (
     analysis,
     refam,
 )
-from .capture import CaptureSpec
+from .capture import Capture, capture
 from .errors import AttnlensError
 from .interventions import redirect, suppress
 from .models.registry import supported_models
-from .session import Capture, capture
+from .spec import CaptureSpec
 from .store import open_store
 from .text import TokenLabels, label_tokens
 

@@ -1,359 +1,344 @@
-"""What to keep from each attention call, and the chunked math that computes it.
+"""``attnlens.capture``: record attention during ordinary forward passes.
 
-Fused attention kernels never return probabilities. attnlens recomputes only what a
-:class:`CaptureSpec` asks for from the query and key tensors the model already computed
-(post-norm, post-RoPE), and lets the original attention call run untouched, so the model's
-output does not change. Rows of ``softmax(QKᵀ·s)`` are normalised by their log-sum-exp,
-computed over chunks of queries whose size bounds peak memory: no ``N × N`` matrix exists
-unless ``full`` is asked for.
+>>> import attnlens
+>>> from attnlens.testing import tiny_flux_transformer, flux_inputs
+>>> model = tiny_flux_transformer()
+>>> with attnlens.capture(model, keep=("cross", "key_mass"), heads="mean") as cap:
+...     _ = model(**flux_inputs(model, height=4, width=6))
+>>> cap.result.cross.dims
+('sample', 'step', 'layer', 'head', 'query', 'key_text')
+>>> cap.result.sizes["query"], cap.result.sizes["head"]
+(24, 1)
+>>> cap.result.attrs["capture_paths"]["lse"]
+['kernel:flash_attention_for_cpu']
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
+import xarray as xr
 
-from .errors import EmptySpecError, HeadIndexError, UnknownLayerError, choices
+from .errors import EmptySpecError, HookError, LayoutError, StoreError
+from .grouping import Run
+from .hooks import HookRegistry
+from .interventions import Intervener, Intervention
+from .models.base import AttentionLayer
+from .models.registry import resolve
+from .recorder import Recorder
+from .spec import CaptureSpec
+from .text import TokenLabels
 
-__all__ = ["KEEP_CHOICES", "CaptureSpec", "attention_slices"]
-
-#: What a capture can keep, see :class:`CaptureSpec`.
-KEEP_CHOICES = ("cross", "text_to_image", "key_mass", "hidden_norm", "full")
-HEAD_REDUCTIONS = ("mean", "max")
-
-LayerSelector = str | int | Sequence[str | int] | None
-HeadSelector = str | int | Sequence[int]
-StepSelector = int | Sequence[int] | Callable[[float], bool] | None
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    """Which attention to keep, where, and in what form.
-
-    Args:
-        layers: ``None`` for every attention layer; otherwise layer names, glob patterns over
-            them (``"double.3"``, ``"single.*"``) or indices into the model's layer list
-            (execution order), alone or in a list.
-        heads: ``"all"``; a head index or a list of them; or a reduction over all heads
-            (``"mean"``, ``"max"``), computed on the device before the copy to host.
-        timesteps: ``None`` for every denoising step; step indices (``[0, 5]``); or a
-            predicate on the timestep value (``lambda t: t > 500``).
-        keep: any of ``"cross"`` (image/video queries → text keys), ``"text_to_image"``
-            (text queries → image keys), ``"key_mass"`` (mean attention each key receives over
-            all queries), ``"hidden_norm"`` (L2 norm of each token's block output) and
-            ``"full"`` (the dense matrix; opt-in, bounded by ``max_full_bytes``).
-        dtype: dtype of what is kept (the math itself runs in float32).
-        device: device of what is kept.
-        chunk_bytes: memory budget of one query chunk's float32 logits; bounds peak memory.
-        max_full_bytes: largest ``full`` capture accepted before a forward is refused.
-
-    >>> spec = CaptureSpec(layers="double.*", heads="mean", keep=("cross", "key_mass"))
-    >>> spec.keep
-    ('cross', 'key_mass')
-    >>> CaptureSpec(keep=())
-    Traceback (most recent call last):
-    ...
-    attnlens.errors.EmptySpecError: CaptureSpec keeps nothing: choose keep from cross, text_to_image, \
-key_mass, hidden_norm, full
-    """
-
-    layers: LayerSelector = None
-    heads: HeadSelector = "all"
-    timesteps: StepSelector = None
-    keep: Sequence[str] = ("cross",)
-    dtype: torch.dtype = torch.float32
-    device: str | torch.device = "cpu"
-    chunk_bytes: int = 64 * 2**20
-    max_full_bytes: int = 2 * 2**30
-
-    def __post_init__(self) -> None:
-        keep = (self.keep,) if isinstance(self.keep, str) else tuple(self.keep)
-        object.__setattr__(self, "keep", keep)
-        if not keep:
-            raise EmptySpecError(f"CaptureSpec keeps nothing: choose keep from {choices(KEEP_CHOICES)}")
-        unknown = [k for k in keep if k not in KEEP_CHOICES]
-        if unknown:
-            raise EmptySpecError(f"unknown keep {unknown}: choose from {choices(KEEP_CHOICES)}")
-        if isinstance(self.heads, str) and self.heads not in ("all", *HEAD_REDUCTIONS):
-            raise EmptySpecError(f"unknown heads {self.heads!r}: use 'all', 'mean', 'max' or head indices")
-        if self.chunk_bytes <= 0 or self.max_full_bytes < 0:
-            raise EmptySpecError("chunk_bytes must be positive and max_full_bytes non-negative")
-
-    @property
-    def attention_keeps(self) -> tuple[str, ...]:
-        """The kept variables that come from attention probabilities (not ``hidden_norm``)."""
-        return tuple(k for k in self.keep if k != "hidden_norm")
-
-    def select_layers(self, names: Sequence[str]) -> list[str]:
-        """Resolve :attr:`layers` against a model's layer names, in execution order.
-
-        >>> CaptureSpec(layers=["single.*", 0]).select_layers(["double.0", "single.0", "single.1"])
-        ['double.0', 'single.0', 'single.1']
-        >>> CaptureSpec(layers="double.9").select_layers(["double.0"])
-        Traceback (most recent call last):
-        ...
-        attnlens.errors.UnknownLayerError: layer 'double.9' matches no attention layer; valid: double.0
-        """
-        if self.layers is None:
-            return list(names)
-        selectors = [self.layers] if isinstance(self.layers, str | int) else list(self.layers)
-        chosen: set[str] = set()
-        for sel in selectors:
-            if isinstance(sel, int) and not isinstance(sel, bool):
-                if not -len(names) <= sel < len(names):
-                    raise UnknownLayerError(
-                        f"layer index {sel} out of range for {len(names)} layers; valid: {choices(names)}"
-                    )
-                chosen.add(names[sel])
-                continue
-            matched = fnmatch.filter(names, str(sel))
-            if not matched:
-                raise UnknownLayerError(f"layer {sel!r} matches no attention layer; valid: {choices(names)}")
-            chosen.update(matched)
-        return [n for n in names if n in chosen]
-
-    def select_heads(self, num_heads: int) -> tuple[list[int] | None, str | None]:
-        """Resolve :attr:`heads` for a layer with ``num_heads`` heads.
-
-        Returns ``(indices, reduction)``: head indices to keep (``None`` = all) and the
-        reduction applied over them (``None`` = keep each head).
-
-        >>> CaptureSpec(heads=[0, 2]).select_heads(4)
-        ([0, 2], None)
-        >>> CaptureSpec(heads=5).select_heads(4)
-        Traceback (most recent call last):
-        ...
-        attnlens.errors.HeadIndexError: head 5 out of range: the layer has 4 heads (valid: 0 … 3)
-        """
-        if isinstance(self.heads, str):
-            return None, (None if self.heads == "all" else self.heads)
-        indices = [self.heads] if isinstance(self.heads, int) else [int(h) for h in self.heads]
-        if not indices:
-            raise HeadIndexError("heads is an empty list: give head indices, 'all', 'mean' or 'max'")
-        for h in indices:
-            if not 0 <= h < num_heads:
-                raise HeadIndexError(
-                    f"head {h} out of range: the layer has {num_heads} heads (valid: 0 … {num_heads - 1})"
-                )
-        return indices, None
-
-    def head_labels(self, num_heads: int) -> list[int] | list[str]:
-        """Labels of the ``head`` coordinate: head indices, or the reduction's name."""
-        indices, reduction = self.select_heads(num_heads)
-        if reduction is not None:
-            return [reduction]
-        return list(range(num_heads)) if indices is None else indices
-
-    def wants_step(self, step: int, timestep: float) -> bool:
-        """Whether denoising step ``step`` (at ``timestep``) is captured.
-
-        >>> CaptureSpec(timesteps=lambda t: t > 500).wants_step(0, 999.0)
-        True
-        >>> CaptureSpec(timesteps=[1, 2]).wants_step(0, 999.0)
-        False
-        """
-        sel = self.timesteps
-        if sel is None:
-            return True
-        if callable(sel):
-            return bool(sel(timestep))
-        return step in ([sel] if isinstance(sel, int) else list(sel))
+__all__ = ["Capture", "capture"]
 
 
-def attention_slices(
-    query: torch.Tensor,
-    key: torch.Tensor,
+def capture(
+    model: Any,
+    spec: CaptureSpec | None = None,
     *,
-    text: torch.Tensor,
-    image: torch.Tensor,
-    keep: Sequence[str],
-    scale: float | None = None,
-    attn_mask: torch.Tensor | None = None,
-    heads: Sequence[int] | None = None,
-    reduction: str | None = None,
-    chunk_bytes: int = 64 * 2**20,
-    key_text: torch.Tensor | None = None,
-    key_image: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Attention probabilities restricted to what ``keep`` asks for, without an ``N × N`` matrix.
+    labels: Sequence[TokenLabels] | None = None,
+    store: Any = None,
+    sample_ids: Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    intervene: Intervention | None = None,
+    **spec_fields: Any,
+) -> Capture:
+    """Capture attention from a diffusers pipeline or transformer during ordinary forwards.
 
-    ``P[q, k] = exp(q·k·s − lse_q)`` where ``lse_q`` is the log-sum-exp of row ``q``,
-    computed over chunks of queries so that at most ``chunk_bytes`` of float32 logits exist
-    at once.
+    Use as a context manager: hooks attach on entry and detach on exit, also when the
+    body raises. The model's outputs are unchanged, bit for bit, unless ``intervene`` changes
+    its attention: attnlens runs each attention call through the kernel SDPA itself would
+    run, which also returns the row normaliser the kept probabilities need (see
+    :mod:`attnlens.kernels` and :mod:`attnlens.probs`).
 
     Args:
-        query: ``(batch, seq, heads, head_dim)``, post-norm and post-RoPE.
-        key: ``(batch, seq, heads, head_dim)``.
-        text: positions of text tokens in ``seq``, ascending, shape ``(key_text,)``.
-        image: positions of image/video tokens in ``seq``, ascending, shape ``(query,)``.
-        keep: subset of ``cross``, ``text_to_image``, ``key_mass``, ``full``.
-        scale: logit scale, default ``1/sqrt(head_dim)``.
-        attn_mask: boolean (True = attend) or additive mask broadcastable to
-            ``(batch, heads, seq, seq)``.
-        heads: head indices to keep (default all).
-        reduction: ``"mean"`` or ``"max"`` over the kept heads, or ``None``.
-        chunk_bytes: float32 budget of one chunk of logits.
-        key_text: positions of text tokens among the keys when the keys are not the query
-            sequence (a cross-attention or image-only call); ``text`` and ``image`` then
-            index the queries only. Default: ``text``.
-        key_image: positions of image/video tokens among the keys; default ``image``.
+        model: a supported pipeline (e.g. ``FluxPipeline``) or transformer
+            (e.g. ``FluxTransformer2DModel``); see :func:`attnlens.supported_models`.
+        spec: a :class:`CaptureSpec`; or give its fields as keywords instead.
+        labels: token labels per sample (or one for all) when calling a bare transformer;
+            pipelines are labelled from their own tokenizer.
+        store: a path, fsspec URL or zarr store to stream each finished sample to (see
+            :mod:`attnlens.store`), or a :class:`~attnlens.store.StoreWriter` configured by
+            hand. What is written leaves memory: a capture of any number of samples holds
+            about one, and ``cap.result`` reads the store back after the block.
+        sample_ids: every sample id the store will hold, the same list in every process that
+            writes to it (e.g. each ``torchrun`` rank); capture each inside
+            ``with cap.sample(id):`` and resume with ``cap.pending()``. ``None``: the store
+            grows with each finished sample.
+        storage_options: passed to fsspec for a store URL.
+        intervene: :func:`attnlens.suppress` or :func:`attnlens.redirect`: the model attends
+            with the selected keys' attention removed or moved, in every forward while the
+            capture is attached (captured steps or not), and what is kept is that attention;
+            outputs change, by design (see :mod:`attnlens.interventions`).
+        **spec_fields: the fields of a :class:`CaptureSpec` (``layers``, ``heads``,
+            ``timesteps``, ``keep``, ``dtype``, ``device``, ``chunk_bytes``, ``max_full_bytes``).
 
     Returns:
-        float32 tensors: ``cross`` ``(batch, head, query, key_text)``; ``text_to_image``
-        ``(batch, head, query_text, key_image)``; ``key_mass`` ``(batch, head, key)``;
-        ``full`` ``(batch, head, query_all, key)``; ``head`` has size 1 under a reduction.
-        A query row the mask excludes from every key (Chroma's padded text) has probabilities
-        0, not NaN, and ``key_mass`` averages over the query rows that attend.
+        a :class:`Capture`; after the block, ``cap.result`` is an ``xarray.Dataset``.
 
-    >>> q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
-    >>> out = attention_slices(q, k, text=torch.arange(2), image=torch.arange(2, 5), keep=["cross", "full"])
-    >>> out["cross"].shape, out["full"].shape
-    (torch.Size([1, 2, 3, 2]), torch.Size([1, 2, 5, 5]))
-    >>> bool(torch.allclose(out["full"].sum(-1), torch.ones(1, 2, 5)))
-    True
+    Forwards are grouped into samples automatically (:mod:`attnlens.grouping`): a forward
+    starts a new sample when its timestep moves against the sampler's direction (a sampler
+    restarted), when the same timestep and branch come again (repeated bare calls), or when
+    the batch or token layout changes; :meth:`Capture.next_sample` forces one. Each row of a
+    batch is a sample.
     """
-    if query.ndim != 4 or key.ndim != 4 or query.shape[0] != key.shape[0] or query.shape[2:] != key.shape[2:]:
-        raise ValueError(
-            f"query and key must be (batch, seq, heads, head_dim) with matching batch, heads and head_dim; "
-            f"got {tuple(query.shape)} and {tuple(key.shape)}"
-        )
-    n = key.shape[1]
-    n_query = query.shape[1]
-    if n_query != n and key_text is None and key_image is None:
-        raise ValueError(
-            f"joint attention needs as many queries as keys; got {n_query} and {n} "
-            "(give key_text/key_image for a call whose keys are another sequence)"
-        )
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    q = query.transpose(1, 2)  # (batch, heads, seq, head_dim)
-    k = key.transpose(1, 2)
-    if heads is not None:
-        index = torch.as_tensor(list(heads), device=q.device)
-        q, k = q.index_select(1, index), k.index_select(1, index)
-    # one contiguous float32 copy of q and kᵀ: O(seq) memory, and every chunk's matmul reads them directly
-    q = q.float().contiguous()
-    k_t = k.float().transpose(-1, -2).contiguous()
-    text, image = text.to(q.device), image.to(q.device)
-    text_cols = _index(text if key_text is None else key_text.to(q.device))
-    image_cols = _index(image if key_image is None else key_image.to(q.device))
-    batch, num_heads = q.shape[:2]
+    if spec is None:
+        spec = CaptureSpec(**spec_fields)
+    elif spec_fields:
+        raise TypeError("give either a CaptureSpec or its fields as keywords, not both")
+    return Capture(
+        model,
+        spec,
+        labels=labels,
+        store=store,
+        sample_ids=sample_ids,
+        storage_options=storage_options,
+        intervene=intervene,
+    )
 
-    all_rows = "key_mass" in keep or "full" in keep
-    if all_rows:
-        row_sets = [("all", torch.arange(n_query, device=q.device))]
-    else:
-        row_sets = [
-            (name, rows) for name, rows in (("cross", image), ("text_to_image", text)) if name in keep
+
+class Capture:
+    """A capture of one model; made by :func:`capture`, used as a context manager.
+
+    Attributes:
+        spec: what is kept.
+        layers: the captured :class:`~attnlens.models.AttentionLayer` objects.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        spec: CaptureSpec,
+        *,
+        labels: Sequence[TokenLabels] | None = None,
+        store: Any = None,
+        sample_ids: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        intervene: Intervention | None = None,
+    ) -> None:
+        adapter, transformer, pipeline = resolve(model)
+        self.spec = spec
+        refused = [k for k in spec.keep if k in adapter.unsupported_keeps]
+        if refused:
+            raise EmptySpecError(
+                f"the {adapter.family} adapter cannot keep {refused}; "
+                f"choose from {[k for k in spec.keep if k not in refused] or 'cross, key_mass'}"
+            )
+        every = adapter.layers(transformer)
+        chosen = set(spec.select_layers([layer.name for layer in every]))
+        self.layers: list[AttentionLayer] = [layer for layer in every if layer.name in chosen]
+        for n in {layer.num_heads for layer in self.layers}:
+            spec.select_heads(n)  # raises early on a bad head index
+        self._writer = None
+        self._location = store
+        self._storage_options = storage_options
+        self._declared = sample_ids is not None
+        if store is not None:
+            from .store import StoreWriter
+
+            if isinstance(store, StoreWriter):  # a writer configured by hand (compression, queue size)
+                if sample_ids is not None or storage_options is not None:
+                    raise TypeError("give sample_ids and storage_options to the StoreWriter itself")
+                self._writer, self._location = store, store.store
+            else:
+                self._writer = StoreWriter(store, sample_ids=sample_ids, storage_options=storage_options)
+        elif sample_ids is not None:
+            raise TypeError("sample_ids name the samples of a store: give store= as well")
+        intervener = None
+        hooked = self.layers
+        if intervene is not None:
+            acted = set(intervene.select_layers([layer.name for layer in every]))
+            intervener = Intervener(intervene, acted)
+            hooked = [layer for layer in every if layer.name in acted or layer.name in chosen]
+        # pipelines that switch transformers between steps (Wan 2.2) hook each one; layers share names
+        members = adapter.transformers(transformer, pipeline)
+        self._recorder = Recorder(
+            adapter,
+            transformer,
+            pipeline,
+            spec,
+            self.layers,
+            labels=labels,
+            intervener=intervener,
+            members=dict(members),
+            new_run=self._new_run if self._writer is not None else None,
+        )
+        hidden = "hidden_norm" in spec.keep
+        self._registries = [
+            HookRegistry(
+                adapter, transformer, hooked, self._recorder, pipeline=pipeline, hidden_states=hidden
+            )
+        ] + [
+            HookRegistry(
+                adapter,
+                module,
+                _member_layers(adapter, module, name, hooked),
+                self._recorder.member(name),
+                hidden_states=hidden,
+            )
+            for name, module in members[1:]
         ]
+        self._result: tuple[int, xr.Dataset] | None = None
 
-    # logits, exp and a temporary: three float32 (batch, heads, chunk, seq) tensors at once
-    chunk = max(1, chunk_bytes // (3 * 4 * batch * num_heads * n))
-    # outputs are allocated once and filled in place: small per-chunk pieces interleaved with the
-    # chunks' large temporaries fragment the heap until it holds as much as an N × N matrix
-    n_text_cols = len(text) if key_text is None else len(key_text)
-    n_image_cols = len(image) if key_image is None else len(key_image)
-    shapes = {
-        "cross": (len(image), n_text_cols),
-        "text_to_image": (len(text), n_image_cols),
-        "full": (n_query, n),
-    }
-    heads_out = 1 if reduction is not None else num_heads
-    out = {name: q.new_empty(batch, heads_out, *shapes[name]) for name in keep if name in shapes}
-    image_row = torch.full((n_query,), -1, dtype=torch.long, device=q.device)
-    image_row[image] = torch.arange(len(image), device=q.device)
-    text_row = torch.full((n_query,), -1, dtype=torch.long, device=q.device)
-    text_row[text] = torch.arange(len(text), device=q.device)
-    is_image, is_text = image_row >= 0, text_row >= 0
-    mass = torch.zeros(batch, num_heads, n, device=q.device) if "key_mass" in keep else None
-    attending = torch.zeros(batch, num_heads, 1, device=q.device)  # query rows not masked out entirely
-    for what, rows in row_sets:
-        for start in range(0, len(rows), chunk):
-            idx = rows[start : start + chunk]
-            logits = torch.matmul(q[:, :, _index(idx)], k_t).mul_(scale)
-            if attn_mask is not None:
-                logits = _apply_mask(logits, attn_mask, idx)
-            here = slice(start, start + len(idx))
-            if what != "all":  # keep the kept columns' logits: the normaliser overwrites the chunk
-                cols = text_cols if what == "cross" else image_cols
-                kept = logits[..., cols]
-                kept = kept.clone() if isinstance(cols, slice) else kept
-                lse = _logsumexp_(logits)
-                # a row masked out everywhere has lse = -inf; +inf makes its probabilities 0, not NaN
-                lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-                out[what][:, :, here] = _reduce(kept.sub_(lse).exp_(), reduction)
-                continue
-            probs, total = _softmax_(logits)
-            if attn_mask is not None:
-                attending += (total > 0).sum(dim=2)
-            if mass is not None:
-                mass += probs.sum(dim=2)
-            if "full" in out:
-                out["full"][:, :, here] = _reduce(probs, reduction)
-            img_rows, txt_rows = is_image[idx], is_text[idx]
-            if "cross" in out and img_rows.any():
-                out["cross"][:, :, image_row[idx[img_rows]]] = _reduce(
-                    probs[:, :, img_rows][..., text_cols], reduction
+    # -- context management ----------------------------------------------------------------
+
+    def __enter__(self) -> Capture:
+        try:
+            for registry in self._registries:
+                registry.attach()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for registry in self._registries:
+            registry.detach()
+        self._recorder.reset()
+        if self._writer is not None:
+            finished = bool(exc) and exc[0] is None  # after an exception the last sample is unfinished
+            try:
+                if finished and self._recorder.grouping.runs:
+                    self._store(self._recorder.grouping.runs[-1])
+            finally:
+                self._writer.close(raise_errors=finished)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place."""
+        return self._registries[0].attached
+
+    def next_sample(self) -> None:
+        """Start a new sample at the next forward, even if its timestep would continue a run."""
+        self._recorder.grouping.next_sample()
+
+    @contextlib.contextmanager
+    def sample(self, *ids: str) -> Iterator[None]:
+        """Name the samples that the forwards inside the block capture, one id per batch row.
+
+        The forwards inside form one sample group (a new one starts on entry). With a store,
+        the group is written when the block ends without an exception; a sample whose id the
+        store already holds is overwritten. A store with declared ``sample_ids`` takes samples
+        only through this block.
+
+        >>> import attnlens
+        >>> from attnlens.testing import tiny_flux_transformer, flux_inputs
+        >>> model = tiny_flux_transformer()
+        >>> with attnlens.capture(model, keep="key_mass", store="memory://doc/ids.zarr") as cap:
+        ...     with cap.sample("cat", "dog"):
+        ...         _ = model(**flux_inputs(model, batch=2))
+        >>> list(cap.result.sample_id.values)
+        ['cat', 'dog']
+        """
+        names = [str(i) for i in ids]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"give one distinct id per sample of the batch; got {names}")
+        recorder = self._recorder
+        if recorder.open_ids is not None:
+            raise HookError("`with cap.sample(...)` blocks cannot nest")
+        if self._writer is not None:
+            self._writer.check_ids(names)
+        first = len(recorder.grouping.runs)
+        recorder.open_ids = names
+        recorder.grouping.next_sample()
+        try:
+            yield
+        finally:
+            recorder.open_ids = None
+            recorder.grouping.next_sample()
+        runs = [r for r in recorder.grouping.runs[first:] if r.steps or r.stored]
+        if not runs:
+            raise HookError(
+                f"nothing was captured inside cap.sample{tuple(names)}: run the model inside the block "
+                "(and let timesteps= select at least one of its steps)"
+            )
+        if len(runs) > 1 or runs[0].layout.batch != len(names):
+            raise LayoutError(
+                f"cap.sample{tuple(names)} names {len(names)} sample(s), but its forwards formed "
+                f"{sum(r.layout.batch for r in runs)} (in {len(runs)} group(s): a sampler restarted, or the "
+                "batch or tokens changed); give one id per batch row and one block per sampler run"
+            )
+        if self._writer is not None:
+            self._submit(runs[0], names)
+
+    def pending(self, ids: Sequence[str] | None = None) -> list[str]:
+        """The ids among ``ids`` (default: the declared ``sample_ids``) that the store lacks, in order.
+
+        Loop over them to resume an interrupted run: samples completed earlier, by this or
+        another process, are skipped; a sample cut short by a crash is captured again.
+        """
+        if self._writer is None:
+            raise StoreError("this capture writes no store: give store= to attnlens.capture")
+        return self._writer.pending(ids)
+
+    @property
+    def result(self) -> xr.Dataset:
+        """Everything captured, as an ``xarray.Dataset`` (see :mod:`attnlens.schema`).
+
+        In memory; for a capture with ``store=``, the store read back (lazily, dask-backed)
+        once the ``with`` block has closed it: every sample it holds, also those written
+        before.
+        """
+        if self._writer is not None:
+            if self.attached:
+                raise HookError(
+                    "a capture with store= writes its samples as they finish: read cap.result after the "
+                    "`with` block, or open the store with attnlens.open_store"
                 )
-            if "text_to_image" in out and txt_rows.any():
-                rows_out = text_row[idx[txt_rows]]
-                out["text_to_image"][:, :, rows_out] = _reduce(
-                    probs[:, :, txt_rows][..., image_cols], reduction
-                )
+            from .store import open_store
 
-    if mass is not None:
-        rows_attending = attending.clamp(min=1) if attn_mask is not None else n_query
-        out["key_mass"] = _reduce(mass / rows_attending, reduction)
-    return out
+            return open_store(self._location, storage_options=self._storage_options)
+        version = self._recorder.version
+        if self._result is None or self._result[0] != version:
+            self._result = (version, self._recorder.dataset())
+        return self._result[1]
 
+    # -- the store ----------------------------------------------------------------------------
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """Row log-sum-exp ``(..., 1)`` of ``logits``, which it overwrites.
+    def _new_run(self, previous: Run | None) -> None:
+        """A run starts: stream the one before to the store (a declared store takes named samples only)."""
+        if self._declared and self._recorder.open_ids is None:
+            raise StoreError(
+                f"{self._location} declares its sample_ids: capture each sample inside `with cap.sample(id):`"
+            )
+        if previous is not None:
+            self._store(previous)
 
-    In place, in three passes: ``torch.logsumexp`` allocates and makes several more, and on
-    the CPU costs more than the attention kernel itself.
-    """
-    peak = logits.amax(dim=-1, keepdim=True)
-    peak = peak.masked_fill(peak == float("-inf"), 0.0)  # a row masked out everywhere sums to 0
-    return logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_().add_(peak)
+    def _store(self, run: Run) -> None:
+        """Hand a finished run to the store, unless it is empty, stored or named (cap.sample stores those)."""
+        if run.ids is None and not run.stored and run.steps:
+            self._submit(run, None)
 
+    def _submit(self, run: Run, ids: list[str] | None) -> None:
+        """Queue ``run`` for the writer, which assembles its Dataset; the run's arrays leave the recorder."""
+        assert self._writer is not None
+        steps, run.steps, run.stored = run.steps, [], True
+        copied = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            copied = torch.cuda.Event()  # the writer thread must not read host buffers still being filled
+            copied.record()
+        recorder = self._recorder
 
-def _softmax_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row softmax of ``logits`` in place, and each row's sum of exponentials ``(..., 1)``.
+        def build() -> xr.Dataset:
+            if copied is not None:
+                copied.synchronize()
+            return recorder.dataset([Run(run.layout, run.labels, run.prompts, steps, paths=run.paths)])
 
-    A row masked out everywhere has sum 0 and probabilities 0 (not NaN).
-    """
-    peak = logits.amax(dim=-1, keepdim=True)
-    peak = peak.masked_fill(peak == float("-inf"), 0.0)
-    probs = logits.sub_(peak).exp_()
-    total = probs.sum(dim=-1, keepdim=True)
-    return probs.div_(total.masked_fill(total == 0, 1.0)), total
-
-
-def _index(positions: torch.Tensor) -> slice | torch.Tensor:
-    """A slice for contiguous ascending positions (a view, no copy), else the positions themselves."""
-    if len(positions) and int(positions[-1]) - int(positions[0]) + 1 == len(positions):
-        return slice(int(positions[0]), int(positions[-1]) + 1)
-    return positions
-
-
-def _reduce(x: torch.Tensor, reduction: str | None) -> torch.Tensor:
-    if reduction is None:
-        return x
-    if reduction == "mean":
-        return x.mean(dim=1, keepdim=True)
-    return x.amax(dim=1, keepdim=True)
+        self._writer.submit(ids, build)
 
 
-def _apply_mask(logits: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Add an SDPA-style mask (boolean keep-mask or additive) to a chunk of query rows."""
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[-2] != 1:
-        mask = mask[..., rows, :]
-    if mask.dtype == torch.bool:
-        return logits.masked_fill(~mask, float("-inf"))
-    return logits + mask.float()
+def _member_layers(
+    adapter: Any, module: Any, name: str, chosen: list[AttentionLayer]
+) -> list[AttentionLayer]:
+    """The layers of a further transformer that match the chosen layers of the first, by name."""
+    found = {layer.name: layer for layer in adapter.layers(module)}
+    missing = [layer.name for layer in chosen if layer.name not in found]
+    if missing or any(found[layer.name].num_heads != layer.num_heads for layer in chosen):
+        raise LayoutError(
+            f"{name} lacks layers {missing} of the pipeline's transformer, or has other head counts; "
+            "capture each transformer on its own"
+        )
+    return [found[layer.name] for layer in chosen]

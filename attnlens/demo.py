@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from . import zoo
 from .analysis import find_sinks, mass_by_kind, plot_sinks, ratio_by_token, sinks_by_layer
+from .capture import capture
 from .datasets import shapesref
 from .refam import segment
 from .refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise
-from .session import capture
 from .store import open_store
 from .viz.report import Report
 

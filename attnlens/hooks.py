@@ -6,17 +6,18 @@ A :class:`HookRegistry` adds, for the lifetime of a capture:
 - a wrapper around the transformer's ``cache_context`` so that ``"cond"``/``"uncond"`` calls
   are labelled with their classifier-free-guidance branch;
 - pre/post hooks on each attention module that scope the interception to that module;
-- a reference-counted replacement of the module-level attention function the adapter names
-  (``dispatch_attention_fn`` for FLUX), which shows the post-RoPE query and key to the
-  listener and then calls the original function with the very same arguments, unless the
-  listener's optional ``intervene`` returns a replacement output (``attnlens.suppress`` /
-  ``redirect``: the model's output then changes, by design);
-- for adapters whose processors call ``F.scaled_dot_product_attention`` directly (SD3), a
-  ``TorchFunctionMode`` entered for the duration of each attention module's forward, as
-  diffusers' own ``hooks/layer_skip.py`` does, which shows the same to the listener;
-- a number for each such call within one attention module's forward, from 0 (Mochi calls SDPA
-  once per batch row; an IP-adapter call comes second): the adapter's ``call_rows`` says which
-  calls hold which rows, and which are ignored;
+- a ``TorchFunctionMode`` that shows each ``F.scaled_dot_product_attention`` call to the
+  listener as an :class:`AttentionCall`, as diffusers' own ``hooks/layer_skip.py`` intercepts
+  functions; the listener returns the call's output, computed by the very kernel SDPA would
+  run (:mod:`attnlens.kernels`, which also gives the row normaliser) or by an intervention,
+  or lets SDPA run. For processors that call SDPA directly (SD3, Mochi, CogVideoX) the mode
+  covers the attention module's forward; for those that call a module-level attention
+  function (``dispatch_attention_fn`` for FLUX), a reference-counted wrapper of that function
+  enters the mode for the call alone, and shows the call itself to the listener when its
+  backend never reaches SDPA (flash-attn, sage, xformers: no kernel normaliser then);
+- a number for each attention call within one attention module's forward, from 0 (Mochi calls
+  SDPA once per batch row; an IP-adapter call comes second): the adapter's ``call_rows`` says
+  which calls hold which rows, and which are ignored;
 - forward hooks on blocks (hidden-state norms), pre-hooks on the pipeline's text encoders
   (token ids, for word labels) and a wrapper around the pipeline's ``encode_prompt`` (the
   prompt strings, for character offsets).
@@ -33,51 +34,164 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from .errors import HookError, UnsupportedModelError
+from .kernels import _SDPA  # the function itself: a wrapper over it (a test's oracle) still leads here
 from .models.base import AttentionLayer, ModelAdapter
 
-__all__ = ["HookRegistry", "Listener"]
+__all__ = ["AttentionCall", "HookRegistry", "Listener"]
 
-# The handler of the attention module whose forward is running, if it is being captured.
-_HANDLER: ContextVar[Callable[[tuple, dict], torch.Tensor | None] | None] = ContextVar(
-    "attnlens_handler", default=None
-)
+# The attention calls of the attention module whose forward is running, if it is being captured.
+_CALLS: ContextVar[_Calls | None] = ContextVar("attnlens_calls", default=None)
+
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One intercepted attention call, in SDPA's layout whatever function was called.
+
+    Attributes:
+        query: ``(batch, heads, query, head_dim)``, post-norm and post-RoPE.
+        key: ``(batch, key_heads, key, head_dim)``.
+        value: ``(batch, key_heads, key, value_dim)``.
+        attn_mask: SDPA's mask (boolean, True = attend, or additive), or ``None``.
+        dropout_p, is_causal, scale, enable_gqa: as SDPA takes them.
+        fused: whether this is the ``F.scaled_dot_product_attention`` call itself, whose output
+            the listener may compute with the kernel SDPA would run; ``False`` for an attention
+            function whose backend never called SDPA (its output is the original's unless the
+            listener replaces it).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    fused: bool = True
+
+    @classmethod
+    def of_sdpa(cls, args: tuple, kwargs: dict[str, Any]) -> AttentionCall | None:
+        """The call ``F.scaled_dot_product_attention(*args, **kwargs)``; ``None`` unless it is 4-D."""
+        bound = {**_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGUMENTS, args, strict=False)), **kwargs}
+        if not all(
+            isinstance(bound.get(n), torch.Tensor) and bound[n].ndim == 4 for n in _SDPA_ARGUMENTS[:3]
+        ):
+            return None
+        return cls(**{n: bound[n] for n in _SDPA_ARGUMENTS})
+
+    @classmethod
+    def of_function(
+        cls, args: tuple, kwargs: dict[str, Any], positions: dict[str, int]
+    ) -> AttentionCall | None:
+        """A call of a ``(batch, seq, heads, head_dim)`` attention function (``dispatch_attention_fn``)."""
+
+        def arg(name: str) -> Any:
+            pos = positions.get(name, len(args))
+            return (
+                kwargs[name]
+                if name in kwargs
+                else (args[pos] if len(args) > pos else _SDPA_DEFAULTS.get(name))
+            )
+
+        q, k, v = arg("query"), arg("key"), arg("value")
+        if not all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in (q, k, v)):
+            return None
+        mask = arg("attn_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape == (q.shape[0], k.shape[1]):
+            mask = mask[:, None, None, :]  # a key-padding mask, as diffusers' native backend reads it
+        return cls(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            mask,
+            float(arg("dropout_p") or 0.0),
+            bool(arg("is_causal")),
+            arg("scale"),
+            bool(arg("enable_gqa")),
+            fused=False,
+        )
 
 
 class Listener(Protocol):
-    """What a :class:`HookRegistry` reports to (a :class:`~attnlens.Capture` implements it).
-
-    A listener may also define ``intervene(layer, call_args, call=0) -> Tensor | None``, asked
-    before ``attention`` with the call's named arguments: a tensor returned replaces the
-    intercepted call's output, ``None`` lets the original run.
-    """
+    """What a :class:`HookRegistry` reports to (the recorder of a :class:`~attnlens.Capture`)."""
 
     def begin_forward(self, args: tuple, kwargs: dict[str, Any], branch: str) -> bool: ...
     def end_forward(self) -> None: ...
-    def attention(
-        self,
-        layer: AttentionLayer,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        scale: float | None,
-        call: int = 0,
-    ) -> None: ...
+    def attend(self, layer: AttentionLayer, call: AttentionCall, number: int) -> torch.Tensor | None:
+        """The output ``(batch, heads, query, value_dim)`` of one attention call; ``None`` runs the original.
+
+        ``number`` counts the calls of one forward of the layer's module from 0 (a call of
+        the attention function and the SDPA call inside it are one call).
+        """
+        ...
+
     def block_output(self, layer: AttentionLayer, output: Any) -> None: ...
     def text_ids(self, input_ids: torch.Tensor, source: str = "text") -> None: ...
 
 
+class _Calls:
+    """The attention calls of one forward of one captured attention module, numbered from 0."""
+
+    def __init__(self, layer: AttentionLayer, listener: Listener, mode: bool) -> None:
+        self.layer = layer
+        self.listener = listener
+        self.mode = mode  # whether an SDPA mode covers the whole module forward
+        self.count = itertools.count()
+        self.outer: list | None = None  # [number, whether SDPA ran] of the attention-function call running
+
+    def attend(self, call: AttentionCall) -> torch.Tensor | None:
+        """An SDPA call: part of the running attention-function call, or a call of its own."""
+        if self.outer is not None:
+            self.outer[1] = True
+            number = self.outer[0]
+        else:
+            number = next(self.count)
+        return self._ask(call, number)
+
+    def function(self, original: Callable, positions: dict[str, int], args: tuple, kwargs: dict) -> Any:
+        """A call of an attention function: its SDPA call is seen inside; without one, the call itself."""
+        saved, self.outer = self.outer, [next(self.count), False]
+        number = self.outer[0]
+        try:
+            if self.mode:
+                out = original(*args, **kwargs)
+            else:
+                with _SDPAMode():
+                    out = original(*args, **kwargs)
+            fused = self.outer[1]
+        finally:
+            self.outer = saved
+        if not fused:  # another backend (flash-attn, sage, xformers): the listener sees its q and k
+            call = AttentionCall.of_function(args, kwargs, positions)
+            replaced = self._ask(call, number) if call is not None else None
+            if replaced is not None:
+                out = replaced.transpose(1, 2)
+        return out
+
+    def _ask(self, call: AttentionCall, number: int) -> torch.Tensor | None:
+        token = _CALLS.set(None)  # what the listener runs (kernels, SDPA) is not another call
+        try:
+            return self.listener.attend(self.layer, call, number)
+        finally:
+            _CALLS.reset(token)
+
+
 class _Patch:
-    """A module-level function replaced by a pass-through wrapper while any capture uses it."""
+    """A module-level attention function replaced by a wrapper while any capture uses it."""
 
     _installed: ClassVar[dict[str, _Patch]] = {}
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, positions: dict[str, int]) -> None:
         module_name, _, attr = target.partition(":")
         try:
             self.module = importlib.import_module(module_name)
@@ -93,26 +207,19 @@ class _Patch:
         original = self.original
 
         @functools.wraps(original)
-        def passthrough(*args: Any, **kwargs: Any) -> Any:
-            handler = _HANDLER.get()
-            if handler is None:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls = _CALLS.get()
+            if calls is None:
                 return original(*args, **kwargs)
-            replaced = handler(args, kwargs)  # numbers the module's calls; the adapter says which to keep
-            if replaced is not None:  # an intervention (attnlens.suppress / redirect) computed the output
-                return replaced
-            token = _HANDLER.set(None)  # calls nested inside this one (SDPA in dispatch) are part of it
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _HANDLER.reset(token)
+            return calls.function(original, positions, args, kwargs)
 
-        self.wrapper = passthrough
+        self.wrapper = wrapper
 
     @classmethod
-    def acquire(cls, target: str) -> _Patch:
+    def acquire(cls, target: str, positions: dict[str, int]) -> _Patch:
         patch = cls._installed.get(target)
         if patch is None:
-            patch = cls._installed[target] = _Patch(target)
+            patch = cls._installed[target] = _Patch(target, positions)
             setattr(patch.module, patch.attr, patch.wrapper)
         patch.users += 1
         return patch
@@ -124,30 +231,22 @@ class _Patch:
             type(self)._installed.pop(self.target, None)
 
 
-# the function itself, so that a wrapper installed over ``F.scaled_dot_product_attention`` (an eager
-# reference in a test, another tool) still leads here when it calls the original
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-
-
 class _SDPAMode(torch.overrides.TorchFunctionMode):
-    """Shows ``F.scaled_dot_product_attention`` calls to the handler of the running attention module.
+    """Hands ``F.scaled_dot_product_attention`` calls to the running attention module's listener.
 
-    SDPA takes ``(batch, heads, seq, head_dim)``; the handler receives ``(batch, seq, heads,
-    head_dim)`` views like every other interception, with grouped key heads repeated.
+    A tensor the listener returns is the call's output (the same kernel's, bit for bit, or an
+    intervention's); ``None`` runs SDPA.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
-            handler = _HANDLER.get()
-            if handler is not None:
-                query = kwargs.get("query", args[0] if args else None)
-                key = kwargs.get("key", args[1] if len(args) > 1 else None)
-                if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.ndim == 4:
-                    if key.shape[1] != query.shape[1] and query.shape[1] % key.shape[1] == 0:
-                        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-                    rest = {k: v for k, v in kwargs.items() if k not in ("query", "key")}
-                    handler((query.transpose(1, 2), key.transpose(1, 2), *args[2:]), rest)
+            calls = _CALLS.get()
+            call = AttentionCall.of_sdpa(args, kwargs) if calls is not None else None
+            if call is not None:
+                out = calls.attend(call)
+                if out is not None:
+                    return out
         return func(*args, **kwargs)
 
 
@@ -224,7 +323,7 @@ class HookRegistry:
 
     def _attach(self) -> None:
         for target in self.adapter.interceptions(self.transformer):
-            self._patches.append(_Patch.acquire(target))
+            self._patches.append(_Patch.acquire(target, self.adapter.attention_arguments))
         t = self.transformer
         self._handles.append(t.register_forward_pre_hook(self._begin, with_kwargs=True))
         self._handles.append(t.register_forward_hook(self._end, always_call=True))
@@ -284,31 +383,10 @@ class HookRegistry:
             self.listener.end_forward()
 
     def _enter_layer(self, layer: AttentionLayer) -> Callable:
-        args_at = self.adapter.attention_arguments
-
-        def handler(args: tuple, kwargs: dict, call: int) -> torch.Tensor | None:
-            def arg(name: str) -> Any:
-                pos = args_at[name]
-                return kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
-
-            replaced = None
-            intervene = getattr(self.listener, "intervene", None)
-            if intervene is not None:  # first: the capture then keeps what the intervened call attends to
-                replaced = intervene(layer, {**{name: arg(name) for name in args_at}, **kwargs}, call=call)
-            with torch.no_grad():
-                q, k, mask, scale = arg("query"), arg("key"), arg("attn_mask"), arg("scale")
-                self.listener.attention(layer, q, k, mask, scale, call=call)
-            return replaced
-
         def pre_hook(module: nn.Module, args: tuple) -> None:
             if self._active:
-                calls = itertools.count()  # attention calls of this module forward, from 0
-
-                def numbered(args: tuple, kwargs: dict) -> torch.Tensor | None:
-                    return handler(args, kwargs, next(calls))
-
-                self._tokens.append(_HANDLER.set(numbered))
                 mode = _SDPAMode() if self.adapter.intercept_sdpa else None
+                self._tokens.append(_CALLS.set(_Calls(layer, self.listener, mode=mode is not None)))
                 if mode is not None:
                     mode.__enter__()
                 self._modes.append(mode)
@@ -321,7 +399,7 @@ class HookRegistry:
             if mode is not None:
                 mode.__exit__(None, None, None)
         if self._tokens:
-            _HANDLER.reset(self._tokens.pop())
+            _CALLS.reset(self._tokens.pop())
 
     def _block_hook(self, layer: AttentionLayer) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:

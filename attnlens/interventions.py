@@ -16,9 +16,12 @@ keeps under an intervention is ``P'``: suppressed columns are zero and every row
 An intervention that selects no token leaves the call to the model's own kernel, so its outputs
 are bitwise those without intervention.
 
-The replacement is computed by :func:`intervened_attention`, a chunked float32 pass over
-queries (at most ``chunk_bytes`` of logits at once) in the layout of the call it replaces,
-``(batch, seq, heads, head_dim)``; it does not use the fused kernel the model would have.
+Both run through the kernel SDPA itself picks (:func:`intervened_attention`): suppress masks
+``S`` out, redirect replaces the values of ``S`` by the mean value of ``O``. They act on every
+attention call of the chosen layers that holds a selected key, whatever the model family:
+joint attention (FLUX, SD3, Chroma, …), per-sample calls (Mochi), separate self- and
+cross-attention (Wan, LTX: a cross-attention call holds the text keys only, a
+self-attention call none of them).
 
 >>> import attnlens
 >>> from attnlens.testing import tiny_flux_transformer, flux_inputs
@@ -31,16 +34,16 @@ queries (at most ``chunk_bytes`` of logits at once) in the layout of the call it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .capture import CaptureSpec, LayerSelector, _apply_mask, _reduce
-from .errors import HookError, LayoutError
+from . import kernels
+from .errors import LayoutError
 from .models.base import CallLayout
+from .spec import CaptureSpec, LayerSelector
 from .text import TokenLabels, _strip_markers
 
 __all__ = ["Intervention", "TokenSelector", "intervened_attention", "redirect", "suppress"]
@@ -248,207 +251,111 @@ def intervened_attention(
     onto: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    chunk_bytes: int = 64 * 2**20,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output under :func:`suppress` (``onto=None``) or :func:`redirect`, chunked over queries.
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention under :func:`suppress` (``onto=None``) or :func:`redirect`, through SDPA's own kernel.
+
+    Suppress is SDPA with the selected keys masked out; redirect is SDPA over the unchanged
+    logits with the values of the selected keys replaced by the mean value of the receiving
+    keys, since ``Σ_{k∉S} P[q,k]·v_k + m_q·mean_{o∈O} v_o = P′·V``. Both run the fused kernel
+    SDPA picks (:mod:`attnlens.kernels`), with gradients.
 
     Args:
-        query: ``(batch, seq, heads, head_dim)``, as the model's attention function receives it.
-        key: ``(batch, seq, heads, head_dim)``.
-        value: ``(batch, seq, heads, head_dim)``.
-        drop: ``(batch, seq)`` bool, the keys ``S`` whose attention is removed.
-        onto: ``(batch, seq)`` bool, the keys ``O`` that receive it (redirect), disjoint from
+        query: ``(batch, heads, query, head_dim)``, as SDPA takes it.
+        key: ``(batch, heads, key, head_dim)``.
+        value: ``(batch, heads, key, value_dim)``.
+        drop: ``(batch, key)`` bool, the keys ``S`` whose attention is removed.
+        onto: ``(batch, key)`` bool, the keys ``O`` that receive it (redirect), disjoint from
             ``drop``; ``None`` renormalises instead (suppress).
-        attn_mask: the call's own boolean (True = attend) or additive mask, broadcastable to
-            ``(batch, heads, seq, seq)``.
+        attn_mask: the call's own SDPA mask, boolean (True = attend) or additive.
         scale: logit scale, default ``1/sqrt(head_dim)``.
-        chunk_bytes: float32 budget of one chunk of logits.
+        is_causal: as SDPA takes it.
 
     Returns:
-        ``(output, moved)``: ``output`` ``(batch, seq, heads, head_dim)`` in ``value``'s dtype,
-        and ``moved`` ``(batch, heads, seq)`` float32, the mass ``m_q`` each query gave ``S``
-        before the intervention.
+        ``(output, lse)``: ``(batch, heads, query, value_dim)`` in ``value``'s dtype, and the
+        log-sum-exp ``(batch, heads, query)`` of the logits the kernel normalised (suppress:
+        without ``S``; redirect: all of them), ``None`` where no kernel gives it.
 
-    >>> q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
-    >>> out, moved = intervened_attention(q, k, v, drop=torch.zeros(1, 4, dtype=torch.bool))
-    >>> ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-    >>> bool(torch.allclose(out, ref.transpose(1, 2), atol=1e-6)), float(moved.abs().max())
-    (True, 0.0)
+    >>> q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    >>> drop = torch.tensor([[False, True, False, False]])
+    >>> out, lse = intervened_attention(q, k, v, drop=drop)
+    >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~drop[:, None, None, :])
+    >>> torch.equal(out, ref)
+    True
     """
-    if query.ndim != 4 or query.shape != key.shape or key.shape[:3] != value.shape[:3]:
-        raise HookError(
-            "an intervention needs joint attention with query, key and value of layout (batch, seq, heads, "
-            f"head_dim) and one key per query; got {tuple(query.shape)}, {tuple(key.shape)}, "
-            f"{tuple(value.shape)}"
-        )
-    batch, n = query.shape[:2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    q = query.transpose(1, 2).float()  # (batch, heads, seq, head_dim)
-    k_t = key.transpose(1, 2).float().transpose(-1, -2)
-    v = value.transpose(1, 2).float()
-    dropped = drop.to(q.device)[:, None, None, :]  # broadcasts over heads and query rows
-    share = None
-    if onto is not None:
-        onto = onto.to(q.device)
-        if (onto & drop.to(q.device)).any():
-            raise LayoutError("redirect: the receiving tokens (onto) overlap the tokens whose mass moves")
-        if not onto.any(dim=1)[drop.to(q.device).any(dim=1)].all():
-            raise LayoutError("redirect: onto selects no token in a sample whose attention moves")
-        share = (onto.float() / onto.float().sum(dim=1, keepdim=True).clamp_min(1))[:, None, None, :]
-    elif drop.all(dim=1).any():
-        raise LayoutError("suppress selects every token of a sample: no attention would be left")
-    chunk = max(1, chunk_bytes // (3 * 4 * batch * q.shape[1] * n))
-    outs, moved = [], []
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=q.device)
-        logits = torch.matmul(q[:, :, start : start + len(rows)], k_t).mul_(scale)
-        if attn_mask is not None:
-            logits = _apply_mask(logits, attn_mask, rows)
-        # out of place from here on, so that gradients flow through an intervened model
-        if share is None:  # masking the logits keeps rows exact even when S took nearly all the mass
-            kept = logits.masked_fill(dropped, float("-inf"))
-            lse_kept = torch.logsumexp(kept, dim=-1)
-            moved.append(-torch.expm1(lse_kept - torch.logsumexp(logits, dim=-1)))
-            probs = torch.softmax(kept, dim=-1)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-            gone = (probs * dropped).sum(dim=-1, keepdim=True)
-            moved.append(gone.squeeze(-1))
-            probs = probs.masked_fill(dropped, 0.0) + gone * share
-        outs.append(torch.matmul(probs, v))
-    output = torch.cat(outs, dim=2).transpose(1, 2).to(value.dtype).contiguous()
-    return output, torch.cat(moved, dim=2)
+    mask, value = intervened_inputs(drop, onto, attn_mask, value)
+    out, lse, _ = kernels.attention(query, key, value, mask, 0.0, is_causal, scale)
+    return out, lse
 
 
-@dataclass
-class _Plan:
-    """One call's intervention: the keys, and (redirect) the mass each query moved."""
-
-    drop: torch.Tensor  # (batch, seq) bool
-    onto: torch.Tensor | None  # (batch, seq) bool
-    moved: torch.Tensor | None = None  # (batch, heads, seq)
+def intervened_inputs(
+    drop: torch.Tensor, onto: torch.Tensor | None, attn_mask: torch.Tensor | None, value: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The mask and values of an intervened call (out of place, so that gradients flow)."""
+    drop = drop.to(value.device)
+    if onto is None:
+        if drop.all(dim=1).any():
+            raise LayoutError("suppress selects every key of a call: no attention would be left")
+        keep = ~drop[:, None, None, :]
+        if attn_mask is None:
+            return keep, value
+        if attn_mask.dtype == torch.bool:
+            return attn_mask & keep, value
+        return torch.where(keep, attn_mask, torch.tensor(float("-inf"), dtype=attn_mask.dtype)), value
+    onto = onto.to(value.device)
+    if (onto & drop).any():
+        raise LayoutError("redirect: the receiving tokens (onto) overlap the tokens whose mass moves")
+    if not onto.any(dim=1)[drop.any(dim=1)].all():
+        raise LayoutError("redirect: onto selects no key of a call whose attention moves")
+    share = onto.to(value.dtype) / onto.sum(dim=1, keepdim=True).clamp_min(1).to(value.dtype)
+    mean = torch.einsum("bk,bhkd->bhd", share, value)
+    return attn_mask, torch.where(drop[:, None, :, None], mean[:, :, None, :], value)
 
 
 @dataclass
 class Intervener:
-    """Applies one :class:`Intervention` during a capture (used by :class:`attnlens.Capture`)."""
+    """Applies one :class:`Intervention` during a capture (used by the capture's recorder)."""
 
     intervention: Intervention
     layers: set[str]
-    _masks: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor | None, bool]] = field(
+    _masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None, bool]] = field(
         default_factory=dict
     )
-    _pending: tuple[str, _Plan] | None = None
 
-    def output(
+    def plan(
         self,
-        layer: str,
-        call: Mapping[str, Any],
         layout: CallLayout,
         labels: Sequence[TokenLabels],
-        chunk_bytes: int,
-    ) -> torch.Tensor | None:
-        """The replaced output of one attention call, or ``None`` to let the original run."""
-        self._pending = None
-        if layer not in self.layers:
-            return None
-        query, key, value = call.get("query"), call.get("key"), call.get("value")
-        if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
-            raise HookError(
-                f"layer {layer}: the intercepted call shows no query, key and value to intervene on"
-            )
-        if query.shape[1] != layout.seq_len or key.shape[1] != layout.seq_len:
-            raise HookError(
-                f"layer {layer} attends over {key.shape[1]} of the forward's {layout.seq_len} tokens; "
-                "interventions support joint attention over the whole sequence only"
-            )
-        if call.get("is_causal") or call.get("enable_gqa") or (call.get("dropout_p") or 0.0) > 0.0:
-            raise HookError(
-                f"layer {layer}: interventions support non-causal attention without dropout or GQA"
-            )
-        if call.get("parallel_config") is not None:
-            raise HookError(f"layer {layer}: interventions do not support context-parallel attention")
-        drop, onto, selected = self._resolve(layout, labels, query.shape[0], query.device)
+        rows: torch.Tensor | None,
+        keys: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(drop, onto)`` over one call's keys, ``(call batch, key)`` bool; ``None``: nothing to change.
+
+        Args:
+            layout: the forward's layout.
+            labels: the token labels of the forward's run.
+            rows: the forward's batch rows the call holds (``None``: all).
+            keys: the joint positions of the call's keys (``None``: the joint sequence).
+        """
+        drop, onto, selected = self._resolve(layout, labels)
         if not selected:
             return None  # nothing selected: the model's own kernel runs, outputs stay bitwise identical
-        out, moved = intervened_attention(
-            query,
-            key,
-            value,
-            drop=drop,
-            onto=onto,
-            attn_mask=call.get("attn_mask"),
-            scale=call.get("scale"),
-            chunk_bytes=chunk_bytes,
-        )
-        self._pending = (layer, _Plan(drop, onto, moved.detach()))
-        return out
-
-    def take(self, layer: str) -> _Plan | None:
-        """The plan of the call whose output was just replaced, for the capture of that call."""
-        pending, self._pending = self._pending, None
-        return pending[1] if pending is not None and pending[0] == layer else None
+        if rows is not None:
+            drop, onto = drop[rows], None if onto is None else onto[rows]
+        if keys is not None:
+            drop, onto = drop[:, keys], None if onto is None else onto[:, keys]
+        if not drop.any():
+            return None
+        return drop, onto
 
     def _resolve(
-        self, layout: CallLayout, labels: Sequence[TokenLabels], batch: int, device: torch.device
+        self, layout: CallLayout, labels: Sequence[TokenLabels]
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """``drop``, ``onto`` on ``device``, and whether anything is selected (no device sync per call)."""
-        cache_key = (id(labels), batch, str(device))  # labels belong to one run: resolve once per run
+        """``drop``, ``onto`` over the forward's rows and joint sequence, and whether anything is selected."""
+        cache_key = (id(labels), layout.batch)  # labels belong to one run: resolve once per run
         if cache_key not in self._masks:
             iv = self.intervention
-            drop = iv.select.resolve(layout, labels, batch)
-            onto = iv.onto.resolve(layout, labels, batch) if iv.onto is not None else None
-            self._masks = {
-                cache_key: (drop.to(device), None if onto is None else onto.to(device), bool(drop.any()))
-            }
+            drop = iv.select.resolve(layout, labels, layout.batch)
+            onto = iv.onto.resolve(layout, labels, layout.batch) if iv.onto is not None else None
+            self._masks = {cache_key: (drop, onto, bool(drop.any()))}
         return self._masks[cache_key]
-
-
-def capture_mask(plan: _Plan, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """The call's mask with suppressed keys masked out, for the capture math (exact zeros)."""
-    keep = ~plan.drop[:, None, None, :]
-    if attn_mask is None:
-        return keep
-    keep = keep.to(attn_mask.device)
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & keep
-    return attn_mask.float().masked_fill(~keep, float("-inf"))
-
-
-def redirected_slices(
-    slices: Mapping[str, torch.Tensor],
-    plan: _Plan,
-    *,
-    text: torch.Tensor,
-    image: torch.Tensor,
-    heads: Sequence[int] | None,
-    reduction: str | None,
-) -> dict[str, torch.Tensor]:
-    """Per-head slices of ``P`` (:func:`~attnlens.capture.attention_slices`) turned into ``P'`` (redirect).
-
-    Each kept variable is edited linearly: the dropped columns are zeroed and every row ``q``
-    adds ``m_q / |O|`` on the receiving columns; ``key_mass`` adds the mean of ``m_q``.
-    Reductions over heads are applied afterwards (``max`` is not linear).
-    """
-    assert plan.onto is not None and plan.moved is not None
-    moved = plan.moved
-    if heads is not None:
-        moved = moved.index_select(1, torch.as_tensor(list(heads), device=moved.device))
-    device = moved.device
-    keep = (~plan.drop).to(device).float()[:, None, :]  # (batch, 1, seq)
-    share = plan.onto.to(device).float()
-    share = (share / share.sum(dim=1, keepdim=True).clamp_min(1))[:, None, :]
-    text, image = text.to(device), image.to(device)
-    rows_cols = {"cross": (image, text), "text_to_image": (text, image), "full": (None, None)}
-    out = {}
-    for var, tensor in slices.items():
-        tensor = tensor.to(device)
-        if var == "key_mass":
-            edited = tensor * keep + moved.mean(dim=-1, keepdim=True) * share
-        else:
-            rows, cols = rows_cols[var]
-            m = moved if rows is None else moved[..., rows]
-            k, s = (keep, share) if cols is None else (keep[..., cols], share[..., cols])
-            edited = tensor * k[:, :, None, :] + m[..., None] * s[:, :, None, :]
-        out[var] = _reduce(edited, reduction)
-    return out

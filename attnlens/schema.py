@@ -52,12 +52,15 @@ DIMS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class CapturedStep:
-    """What one transformer forward kept: ``arrays[variable][layer]`` is ``(batch, ...)``."""
+    """What one transformer forward kept: ``arrays[variable][layer]`` is ``(batch, ...)``.
+
+    The arrays are numpy arrays or host tensors, already in the dtype they are kept in.
+    """
 
     denoise_step: int
     timestep: float
     branch: str
-    arrays: dict[str, dict[str, np.ndarray]]
+    arrays: dict[str, dict[str, Any]]
     #: which of a pipeline's transformers ran the forward (Wan 2.2: ``transformer_2`` at low noise)
     transformer: str = "transformer"
 
@@ -114,11 +117,18 @@ def assemble(
     names = sorted({v for g in groups for s in g.steps for v in s.arrays})
     data_vars = {}
     for var in names:
-        per_group = [
-            np.stack([np.stack([s.arrays[var][name] for name in layers], axis=1) for s in g.steps], axis=1)
-            for g in groups
-        ]
-        data_vars[var] = (DIMS[var], np.concatenate(per_group, axis=0))
+        # one copy, into the Dataset's array: (sample, step, layer, ...)
+        first = _numpy(groups[0].steps[0].arrays[var][layers[0]])
+        n = sum(len(_numpy(g.steps[0].arrays[var][layers[0]])) for g in groups)
+        out = np.empty((n, len(signature), len(layers), *first.shape[1:]), dtype=first.dtype)
+        start = 0
+        for g in groups:
+            for i, step in enumerate(g.steps):
+                for j, name in enumerate(layers):
+                    values = _numpy(step.arrays[var][name])
+                    out[start : start + len(values), i, j] = values
+            start += len(values)
+        data_vars[var] = (DIMS[var], out)
     labels = [lab for g in groups for lab in g.labels]
     n_samples = len(labels)
     image_kind = np.full(seq_len, "image", dtype=object)
@@ -158,3 +168,15 @@ def _put(base: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndar
     out = base.copy()
     out[positions] = values
     return out
+
+
+def _numpy(values: Any) -> np.ndarray:
+    """A kept array as numpy: a view of a host tensor (bfloat16, which numpy lacks, as float32)."""
+    if isinstance(values, np.ndarray):
+        return values
+    import torch
+
+    values = values.detach()
+    if values.dtype == torch.bfloat16:
+        values = values.float()
+    return values.cpu().numpy()

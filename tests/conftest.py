@@ -48,3 +48,26 @@ class EagerAttention:
 @pytest.fixture
 def eager(monkeypatch):
     return EagerAttention(monkeypatch)
+
+
+NORMALISER_PATHS = {  # what the Dataset's capture_paths attribute says for each
+    "kernel lse, pass over rows": {"lse": ["kernel:flash_attention_for_cpu"], "key_mass": ["pass over rows"]},
+    "kernel lse, reverse call": {
+        "lse": ["kernel:flash_attention_for_cpu"],
+        "key_mass": ["reverse call:flash_attention_for_cpu"],
+    },
+    "recompute": {"lse": ["recompute"], "key_mass": ["recompute"]},
+}
+
+
+@pytest.fixture(params=sorted(NORMALISER_PATHS))
+def normaliser_path(request, monkeypatch):
+    """Runs a test on each path the row normaliser and the incoming mass can take; gives capture_paths."""
+    from attnlens import kernels, probs
+
+    monkeypatch.setattr(kernels, "_VERDICTS", {})
+    if request.param == "recompute":  # as where no kernel returns its log-sum-exp (another attention backend)
+        monkeypatch.setattr(kernels, "_KERNELS", {})
+    if "pass" in request.param:
+        monkeypatch.setattr(probs, "REVERSE_CALL", False)
+    return NORMALISER_PATHS[request.param]

@@ -202,7 +202,7 @@ def test_outputs_are_identical_with_and_without_capture(family):
     assert np.isfinite(ds.hidden_norm.sel(layer=layers[0])).all()
 
 
-def test_sd3_matches_eager_attention_on_image_then_text(monkeypatch):
+def test_sd3_matches_eager_attention_on_image_then_text(monkeypatch, normaliser_path):
     model, eager = tiny_sd3(), eager_sdpa(monkeypatch)
     with attnlens.capture(model, keep=("cross", "text_to_image", "key_mass", "full")) as cap:
         model(**sd3_inputs(height=8, width=12, text_len=10))
@@ -216,9 +216,10 @@ def test_sd3_matches_eager_attention_on_image_then_text(monkeypatch):
         ds.x.values == np.tile(np.arange(6), 4)
     ).all()
     np.testing.assert_allclose(ds.timestep, [500.0])
+    assert cap.result.attrs["capture_paths"] == normaliser_path
 
 
-def test_sd35_dual_attention_layers_are_image_only(monkeypatch):
+def test_sd35_dual_attention_layers_are_image_only(monkeypatch, normaliser_path):
     model, eager = tiny_sd3(dual_attention_layers=(0,), qk_norm="rms_norm"), eager_sdpa(monkeypatch)
     with attnlens.capture(model, keep=("cross", "key_mass", "full"), heads="mean") as cap:
         model(**sd3_inputs(height=8, width=12, text_len=10))
@@ -233,9 +234,10 @@ def test_sd35_dual_attention_layers_are_image_only(monkeypatch):
     np.testing.assert_allclose(attn2.full[..., :24, :24], image_only.mean(1), atol=ATOL)
     assert np.isnan(attn2.full[..., 24:, :]).all()
     np.testing.assert_allclose(ds.sel(layer="block.0").cross, joint.mean(1)[:, :24, 24:], atol=ATOL)
+    assert cap.result.attrs["capture_paths"] == normaliser_path
 
 
-def test_flux2_matches_eager_and_numbers_reference_images_as_frames(monkeypatch):
+def test_flux2_matches_eager_and_numbers_reference_images_as_frames(monkeypatch, normaliser_path):
     model, eager = tiny_flux2(), eager_dispatch(monkeypatch, "transformer_flux2")
     with attnlens.capture(model, keep=("cross", "text_to_image", "key_mass", "full")) as cap:
         model(**flux2_inputs(height=3, width=5, text_len=6, reference=(2, 2)))
@@ -251,6 +253,7 @@ def test_flux2_matches_eager_and_numbers_reference_images_as_frames(monkeypatch)
         1,
     ]
     np.testing.assert_allclose(ds.timestep, [500.0])
+    assert cap.result.attrs["capture_paths"] == normaliser_path
 
 
 def test_flux2_kv_cache_mode_is_refused_clearly():
@@ -259,7 +262,7 @@ def test_flux2_kv_cache_mode_is_refused_clearly():
         model(**flux2_inputs(), kv_cache_mode="extract", num_ref_tokens=2)
 
 
-def test_qwenimage_applies_the_text_padding_mask(monkeypatch):
+def test_qwenimage_applies_the_text_padding_mask(monkeypatch, normaliser_path):
     model, eager = tiny_qwen(), eager_dispatch(monkeypatch, "transformer_qwenimage")
     with attnlens.capture(model, keep=("cross", "text_to_image", "key_mass", "full")) as cap:
         model(**qwen_inputs(height=4, width=6, text_len=7, valid=(7, 5)))
@@ -272,9 +275,10 @@ def test_qwenimage_applies_the_text_padding_mask(monkeypatch):
         ds.x.values == np.tile(np.arange(6), 4)
     ).all()
     np.testing.assert_allclose(ds.timestep, [500.0])
+    assert cap.result.attrs["capture_paths"] == normaliser_path
 
 
-def test_chroma_masked_text_neither_gives_nor_takes_attention(monkeypatch):
+def test_chroma_masked_text_neither_gives_nor_takes_attention(monkeypatch, normaliser_path):
     model, eager = tiny_chroma(), eager_dispatch(monkeypatch, "transformer_flux")
     with attnlens.capture(model, keep=("cross", "text_to_image", "key_mass", "full")) as cap:
         model(**chroma_inputs(height=3, width=4, text_len=5, valid=(5, 3)))
@@ -287,6 +291,7 @@ def test_chroma_masked_text_neither_gives_nor_takes_attention(monkeypatch):
     assert list(ds.token_kind.values[1]) == ["text"] * 3 + ["pad"] * 2
     assert (ds.y.values == np.repeat(np.arange(3), 4)).all()
     np.testing.assert_allclose(ds.timestep, [500.0])
+    assert cap.result.attrs["capture_paths"] == normaliser_path
 
 
 # -- pipelines: words, timesteps, CFG branches ---------------------------------------------------

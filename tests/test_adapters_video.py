@@ -282,26 +282,26 @@ class Oracle:
         for module in fam.modules(model):  # hooks of a model the test discards
             module.register_forward_pre_hook(lambda *_: setattr(self, "inside", True))
             module.register_forward_hook(lambda *_: setattr(self, "inside", False))
-        if fam.sdpa is not None:
-            import importlib
+        import importlib
 
-            module = importlib.import_module(fam.sdpa)
-            original = module.dispatch_attention_fn
+        # the attention function the processors look up when they call it, wrapped below attnlens' own
+        heads_first = fam.sdpa is None
+        module = torch.nn.functional if heads_first else importlib.import_module(fam.sdpa)
+        name = "scaled_dot_product_attention" if heads_first else "dispatch_attention_fn"
+        original = getattr(module, name)
 
-            def recording(query, key, value, attn_mask=None, *args, **kwargs):
-                if self.inside:
-                    self.calls.append((query.detach().clone(), key.detach().clone(), attn_mask))
-                return original(query, key, value, attn_mask, *args, **kwargs)
+        def recording(query, key, value, attn_mask=None, *args, **kwargs):
+            if self.inside:
+                q, k = (query.transpose(1, 2), key.transpose(1, 2)) if heads_first else (query, key)
+                self.calls.append((q.detach().clone(), k.detach().clone(), attn_mask))
+            return original(query, key, value, attn_mask, *args, **kwargs)
 
-            monkeypatch.setattr(module, "dispatch_attention_fn", recording)
+        monkeypatch.setattr(module, name, recording)
 
     def run(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         self.calls.clear()
         with torch.no_grad():
-            if self.fam.sdpa is not None:
-                return model(**inputs).sample
-            with _RecordSDPA(self):
-                return model(**inputs).sample
+            return model(**inputs).sample
 
     def probs(self, index: int) -> torch.Tensor:
         """``(batch, head, query, key)`` float64 probabilities of recorded call ``index``."""
@@ -313,21 +313,6 @@ class Oracle:
                 logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask.double()
             )
         return torch.softmax(logits, dim=-1)
-
-
-class _RecordSDPA(torch.overrides.TorchFunctionMode):
-    """Entered around the whole forward, below attnlens' own mode: sees every SDPA call once."""
-
-    def __init__(self, oracle: Oracle) -> None:
-        super().__init__()
-        self.oracle = oracle
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and self.oracle.inside:
-            q, k = args[0].transpose(1, 2), args[1].transpose(1, 2)
-            self.oracle.calls.append((q.detach().clone(), k.detach().clone(), kwargs.get("attn_mask")))
-        return func(*args, **kwargs)
 
 
 def _expected(family: str, oracle: Oracle, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -361,7 +346,7 @@ def test_outputs_are_identical_with_and_without_capture(family):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_probabilities_equal_an_eager_softmax(family, monkeypatch):
+def test_probabilities_equal_an_eager_softmax(family, monkeypatch, normaliser_path):
     fam = FAMILIES[family]
     model, inputs = fam.build()
     oracle = Oracle(monkeypatch, fam, model)
@@ -382,6 +367,7 @@ def test_probabilities_equal_an_eager_softmax(family, monkeypatch):
     has_row = ~np.isnan(ds.full.values).all(axis=-1)
     np.testing.assert_allclose(sums[has_row], 1.0, atol=ATOL)
     assert np.isfinite(ds.hidden_norm.values[..., video]).all()
+    assert ds.attrs["capture_paths"] == normaliser_path
 
 
 @pytest.mark.parametrize("family", ["ltx", "wan"])

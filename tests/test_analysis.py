@@ -1,4 +1,4 @@
-"""Analyses (sinks, magnets, redistribution, ranking, metrics), interventions and the ``sinks`` command.
+"""Analyses (sinks, magnets, redistribution, ranking, metrics) and the ``sinks`` command.
 
 Known answers come from synthetic captures with planted structure (:mod:`attnlens.analysis.synthetic`):
 each detector must find exactly what was planted, and nothing of the decoys planted beside it.
@@ -37,8 +37,6 @@ from attnlens.analysis import (
 )
 from attnlens.analysis._common import query_mask
 from attnlens.errors import LayoutError, MissingVariableError
-from attnlens.interventions import intervened_attention
-from attnlens.testing import flux_inputs
 
 PROMPT = "a red mug on the table"  # a red mug on the table </s> <pad> ×5
 TEXT, GRID = 12, (8, 8)
@@ -363,173 +361,6 @@ def test_token_kinds_taking_the_most_mass_per_layer_of_a_tiny_flux(flux_pipe):
     assert ((sinks.gas_share >= 0) & (sinks.gas_share <= 1)).all()
     assert sinks.attrs["query_share_from"] == "cross"
     np.testing.assert_allclose(find_magnets(ds).kind_share.sum("kind"), 1.0, atol=1e-5)
-
-
-# -- interventions ------------------------------------------------------------------------------
-
-
-KEEP_ALL = ("cross", "text_to_image", "key_mass", "full")
-
-
-def _reference(monkeypatch, drop: list[int], onto: list[int] | None = None) -> list[torch.Tensor]:
-    """Replace FLUX's attention by a float64 textbook suppress/redirect; returns its probabilities."""
-    import diffusers.models.transformers.transformer_flux as module
-
-    seen: list[torch.Tensor] = []
-
-    def attention(query, key, value, attn_mask=None, *args, **kwargs):
-        q, k, v = (t.transpose(1, 2).double() for t in (query, key, value))
-        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        moved = p[..., drop].sum(-1, keepdim=True)
-        p[..., drop] = 0.0
-        if onto is None:
-            p = p / (1.0 - moved)
-        else:
-            p[..., onto] += moved / len(onto)
-        seen.append(p.float().detach())
-        return (p @ v).transpose(1, 2).to(value.dtype)
-
-    monkeypatch.setattr(module, "dispatch_attention_fn", attention)
-    return seen
-
-
-def test_intervened_attention_matches_masked_sdpa_with_gradients_in_any_chunking():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 6, 2, 8, requires_grad=True) for _ in range(3))
-    drop = torch.zeros(2, 6, dtype=torch.bool)
-    drop[0, 2], drop[1, 4] = True, True
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=~drop[:, None, None, :]
-    ).transpose(1, 2)
-    expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    unmodified = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(8), dim=-1)
-    for chunk_bytes in (1, 2**20):  # one query per chunk, all at once
-        out, moved = intervened_attention(q, k, v, drop=drop, chunk_bytes=chunk_bytes)
-        torch.testing.assert_close(out, ref)
-        for grad, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), expected, strict=True):
-            torch.testing.assert_close(grad, want)
-        torch.testing.assert_close(moved, (unmodified * drop[:, None, None, :]).sum(-1))
-
-
-def test_suppress_with_nothing_selected_changes_nothing(flux):
-    from attnlens.testing import tiny_t5_tokenizer
-
-    inputs = flux_inputs(flux, height=4, width=4, text_len=8, batch=2)
-    plain = flux(**inputs).sample
-    with attnlens.capture(flux, keep=KEEP_ALL) as cap:
-        flux(**inputs)
-    tok = tiny_t5_tokenizer(model_max_length=8)
-    labels = attnlens.label_tokens(tok, tok("the cat", padding="max_length", max_length=8).input_ids)
-    for nothing in (attnlens.suppress(), attnlens.suppress(positions=[]), attnlens.suppress(kind="magnet")):
-        with attnlens.capture(flux, keep=KEEP_ALL, labels=[labels], intervene=nothing) as other:
-            out = flux(**inputs).sample
-        assert torch.equal(out, plain)
-        for var in KEEP_ALL:
-            assert np.array_equal(other.result[var].values, cap.result[var].values)
-
-
-def test_suppress_zeroes_the_columns_and_renormalises(flux, monkeypatch):
-    inputs = flux_inputs(flux, height=4, width=4, text_len=8, batch=2)
-    plain = flux(**inputs).sample
-    with attnlens.capture(flux, keep=KEEP_ALL, intervene=attnlens.suppress(positions=[2, 9])) as cap:
-        out = flux(**inputs).sample
-    ds = cap.result
-    assert ds.attrs["intervention"] == {"mode": "suppress", "select": {"positions": [2, 9]}}
-    assert (ds.full.isel(key=[2, 9]) == 0).all() and (ds.key_mass.isel(key=[2, 9]) == 0).all()
-    assert (ds.cross.isel(key_text=2) == 0).all() and (ds.text_to_image.isel(key_image=1) == 0).all()
-    np.testing.assert_allclose(ds.full.sum("key"), 1.0, atol=1e-5)
-    assert not torch.allclose(out, plain, atol=1e-4)  # output identity no longer holds, by design
-    reference = _reference(monkeypatch, drop=[2, 9])
-    expected = flux(**inputs).sample
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    for i, probs in enumerate(reference):
-        np.testing.assert_allclose(ds.full.isel(step=0, layer=i), probs, atol=1e-5)
-
-
-def test_redirect_moves_the_mass_onto_the_auxiliary_tokens(flux, monkeypatch):
-    inputs = flux_inputs(flux, height=4, width=4, text_len=8, batch=2)
-    with attnlens.capture(
-        flux, keep=KEEP_ALL, intervene=attnlens.redirect(positions=[3], onto=[5, 6])
-    ) as cap:
-        out = flux(**inputs).sample
-    ds = cap.result
-    assert (ds.full.isel(key=3) == 0).all() and (ds.cross.isel(key_text=3) == 0).all()
-    np.testing.assert_allclose(ds.full.sum("key"), 1.0, atol=1e-5)
-    reference = _reference(monkeypatch, drop=[3], onto=[5, 6])
-    torch.testing.assert_close(out, flux(**inputs).sample, atol=1e-4, rtol=1e-4)
-    for i, probs in enumerate(reference):
-        layer = ds.isel(step=0, layer=i)
-        np.testing.assert_allclose(layer.full, probs, atol=1e-5)
-        np.testing.assert_allclose(layer.key_mass, probs.mean(dim=2), atol=1e-5)
-        np.testing.assert_allclose(layer.cross, probs[:, :, 8:, :8], atol=1e-5)
-        np.testing.assert_allclose(layer.text_to_image, probs[:, :, :8, 8:], atol=1e-5)
-    with attnlens.capture(
-        flux, keep="key_mass", heads="mean", intervene=attnlens.redirect(positions=[3], onto=[5, 6])
-    ) as cap:
-        flux(**inputs)
-    np.testing.assert_allclose(cap.result.key_mass.squeeze("head"), ds.key_mass.mean("head"), atol=1e-6)
-
-
-def test_interventions_act_on_their_layers_only(flux):
-    inputs = flux_inputs(flux, height=4, width=4)
-    with attnlens.capture(flux, keep="key_mass") as plain:
-        flux(**inputs)
-    single_only = attnlens.suppress(positions=[2], layers="single.*")
-    with attnlens.capture(flux, keep="key_mass", intervene=single_only) as cap:
-        out = flux(**inputs).sample
-    doubles = ["double.0", "double.1"]  # run before any single block: untouched
-    assert np.array_equal(cap.result.key_mass.sel(layer=doubles), plain.result.key_mass.sel(layer=doubles))
-    assert (cap.result.key_mass.sel(layer=["single.0", "single.1"]).isel(key=2) == 0).all()
-    with attnlens.capture(flux, keep="key_mass", layers="double.0", intervene=single_only) as cap:
-        uncaptured = flux(**inputs).sample  # the intervened layers need not be captured
-    assert torch.equal(out, uncaptured) and list(cap.result.layer.values) == ["double.0"]
-
-
-def test_suppressing_padding_in_a_pipeline_every_step(flux_pipe):
-    def run(**capture_args):
-        with attnlens.capture(flux_pipe, keep="cross", **capture_args) as cap:
-            images = flux_pipe(
-                "a red mug",
-                height=16,
-                width=16,
-                num_inference_steps=2,
-                max_sequence_length=16,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            ).images
-        return images, cap.result
-
-    plain, _ = run()
-    suppressed, ds = run(intervene=attnlens.suppress(kind="pad"))
-    pads = ds.token_kind.values[0] == "pad"
-    assert pads.sum() == 12
-    assert (ds.cross.isel(key_text=np.flatnonzero(pads)) == 0).all()
-    assert not (ds.cross.isel(key_text=np.flatnonzero(~pads)) == 0).any()
-    assert not np.array_equal(plain, suppressed)
-    later, late = run(intervene=attnlens.suppress(kind="pad"), timesteps=[1])  # step 0 is not captured
-    assert np.array_equal(later, suppressed) and late.sizes["step"] == 1
-
-
-def test_interventions_refuse_what_they_cannot_do(flux):
-    inputs = flux_inputs(flux, height=4, width=4)
-    with pytest.raises(ValueError, match="give onto="):
-        attnlens.redirect(positions=[1], onto=[])
-    cases = [
-        (attnlens.redirect(positions=[1], onto=[1, 2]), "overlap"),
-        (attnlens.suppress(word="the"), "needs token labels"),
-        (attnlens.suppress(positions=[99]), "outside the joint sequence of 24 tokens"),
-        (attnlens.suppress(kind="text"), None),  # fine: every text token, the image remains
-        (attnlens.suppress(kind=("text", "image")), "every token"),
-    ]
-    for intervention, message in cases:
-        cap = attnlens.capture(flux, keep="key_mass", intervene=intervention)
-        if message is None:
-            with cap:
-                flux(**inputs)
-            assert (cap.result.key_mass.isel(key=slice(0, 8)) == 0).all()
-            continue
-        with pytest.raises(LayoutError, match=message), cap:
-            flux(**inputs)
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -30,11 +30,12 @@ def test_outputs_are_identical_with_and_without_capture(flux):
     assert torch.equal(flux(**inputs).sample, plain)  # and after detaching
 
 
-def test_probabilities_equal_an_eager_softmax(flux, eager):
+def test_probabilities_equal_an_eager_softmax(flux, eager, normaliser_path):
     inputs = flux_inputs(flux, height=4, width=6, text_len=8, batch=2)
     with attnlens.capture(flux, keep=("cross", "text_to_image", "key_mass", "full")) as cap:
         flux(**inputs)
     ds = cap.result
+    assert ds.attrs["capture_paths"] == normaliser_path
     assert list(ds.layer.values) == ["double.0", "double.1", "single.0", "single.1"]
     assert len(eager.probs) == 4
     for i, probs in enumerate(eager.probs):  # (batch, head, seq, seq), text first then image
@@ -246,3 +247,65 @@ def test_kept_dtype_is_the_requested_one(flux):
     with attnlens.capture(flux, keep=("cross", "key_mass"), dtype=torch.float16) as cap:
         flux(**flux_inputs(flux))
     assert cap.result.cross.dtype == np.float16 and cap.result.key_mass.dtype == np.float16
+
+
+def test_batched_guidance_rows_keep_their_own_probabilities(flux, eager, monkeypatch, normaliser_path):
+    from attnlens.models.flux import FluxAdapter
+
+    # a pipeline that batches [uncond | cond] rows, as SD3's, Mochi's and CogVideoX's do
+    monkeypatch.setattr(FluxAdapter, "branches", lambda self, pipeline, layout, kwargs: ("uncond", "cond"))
+    with attnlens.capture(flux, keep=("cross", "key_mass", "full"), heads="max") as cap:
+        flux(**flux_inputs(flux, height=3, width=5, text_len=8, batch=2))
+    ds = cap.result
+    assert ds.sizes["sample"] == 1 and list(ds.branch.values) == ["cond", "uncond"]
+    for i, probs in enumerate(eager.probs):
+        for step, row in ((0, 1), (1, 0)):  # cond is the second row, uncond the first
+            got = ds.isel(sample=0, step=step, layer=i, head=0)
+            want = probs[row].amax(0)
+            np.testing.assert_allclose(got.full, want, atol=ATOL)
+            np.testing.assert_allclose(got.cross, want[8:, :8], atol=ATOL)
+            np.testing.assert_allclose(got.key_mass, probs[row].mean(1).amax(0), atol=ATOL)
+    assert ds.attrs["capture_paths"] == normaliser_path
+
+
+def test_outputs_stay_bitwise_identical_whatever_the_attention_backend(flux):
+    from diffusers.models.attention_dispatch import attention_backend
+
+    inputs = flux_inputs(flux, height=3, width=5)
+    with attention_backend("_native_math"):  # SDPA under its math kernel: no kernel lse to read
+        plain = flux(**inputs).sample
+        with attnlens.capture(flux, keep=("cross", "key_mass")) as cap:
+            captured = flux(**inputs).sample
+    assert torch.equal(plain, captured)
+    assert cap.result.attrs["capture_paths"] == {"lse": ["recompute"], "key_mass": ["recompute"]}
+    with attnlens.capture(flux, keep=("cross", "key_mass")) as native:
+        flux(**inputs)
+    np.testing.assert_allclose(cap.result.cross, native.result.cross, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_backend_that_never_calls_sdpa_keeps_its_outputs_and_the_capture_recomputes(flux):
+    from diffusers.models.attention_dispatch import attention_backend
+
+    inputs = flux_inputs(flux, height=3, width=5)
+    with (
+        torch.no_grad(),
+        attention_backend("flex"),
+    ):  # flex_attention: dispatch_attention_fn never reaches SDPA
+        plain = flux(**inputs).sample
+        with attnlens.capture(flux, keep=("cross", "key_mass")) as cap:
+            captured = flux(**inputs).sample
+        with attnlens.capture(flux, keep="cross", intervene=attnlens.suppress(positions=[2])) as suppressed:
+            intervened = flux(**inputs).sample
+    assert torch.equal(plain, captured)
+    assert cap.result.attrs["capture_paths"] == {"lse": ["recompute"], "key_mass": ["recompute"]}
+    with (
+        torch.no_grad(),
+        attnlens.capture(flux, keep="cross", intervene=attnlens.suppress(positions=[2])) as native,
+    ):
+        expected = flux(**inputs).sample
+    torch.testing.assert_close(
+        intervened, expected, atol=1e-5, rtol=1e-5
+    )  # the intervention ran through SDPA
+    np.testing.assert_allclose(suppressed.result.cross, native.result.cross, atol=1e-6)
+    assert (suppressed.result.cross.isel(key_text=2) == 0).all()

@@ -107,16 +107,16 @@ def test_same_seed_same_masks(pipes, family):
 
 
 @pytest.mark.parametrize(("family", "changes"), [("wan", True), ("cogvideox", True), ("mochi", False)])
-def test_sink_columns_of_video_dits_are_filtered(pipes, family, changes):
-    """Video adapters cannot intervene: the chosen sinks' columns are dropped from the captured rows."""
+def test_video_dits_suppress_their_sinks(pipes, family, changes):
+    """Video adapters intervene in their attention calls, as image adapters do."""
 
     def run(**kw):
         return refam.segment_video(_clip(5), "the cup", model=pipes[family], resolution=32, **kw)
 
-    plain, filtered = run(gas="none"), run(gas="suppress", sinks={"kind": "pad"})
-    assert (plain.info["gas_applied"], filtered.info["gas_applied"]) == ("none", "filter")
-    # Wan and CogVideoX attend to their padding; Mochi drops it from each call, so there is nothing to filter
-    a, b = plain.maps["aggregate"].values, filtered.maps["aggregate"].values
+    plain, suppressed = run(gas="none"), run(gas="suppress", sinks={"kind": "pad"})
+    assert (plain.info["gas_applied"], suppressed.info["gas_applied"]) == ("none", "suppress")
+    # Wan and CogVideoX attend to their padding; Mochi drops it from each call: nothing to suppress there
+    a, b = plain.maps["aggregate"].values, suppressed.maps["aggregate"].values
     assert (not np.allclose(a, b)) if changes else np.array_equal(a, b)
 
 

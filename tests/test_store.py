@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -124,40 +125,49 @@ def _capture(model, store, n=3, **kwargs):
 
 
 def test_round_trip_equals_the_in_memory_result(flux_pipe, tmp_path):
+    def run(store):
+        with attnlens.capture(flux_pipe, keep=keep, store=store) as cap:
+            for prompt in ("a red mug on the table", "the cat"):
+                flux_pipe(
+                    prompt,
+                    height=16,
+                    width=16,
+                    num_inference_steps=2,
+                    max_sequence_length=16,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                )
+        return cap.result
+
     path = tmp_path / "run.zarr"
     keep = ("cross", "text_to_image", "key_mass", "hidden_norm")
-    with attnlens.capture(flux_pipe, keep=keep, store=path) as cap:
-        for prompt in ("a red mug on the table", "the cat"):
-            flux_pipe(
-                prompt,
-                height=16,
-                width=16,
-                num_inference_steps=2,
-                max_sequence_length=16,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            )
+    stored = run(path)  # a store-backed capture's result is the store, read back
     ds = open_store(path)
     assert all(ds[v].chunks is not None for v in keep)  # dask-backed, nothing read yet
     assert list(ds.sample_id.values) == ["0", "1"]
-    xr.testing.assert_identical(ds.drop_vars("sample_id").load(), cap.result)
+    xr.testing.assert_identical(stored, ds)
+    xr.testing.assert_identical(ds.drop_vars("sample_id").load(), run(None))
     assert ds.attrs["prompts"] == ["a red mug on the table", "the cat"]
 
 
 @pytest.mark.parametrize(("dtype", "stored"), [(torch.float16, "float16"), (torch.bfloat16, "float32")])
 def test_half_precision_is_stored_as_captured(flux, dtype, stored):
     url = _memory_url()
-    cap = _capture(flux, url, n=2, dtype=dtype)
+    _capture(flux, url, n=2, dtype=dtype)
     ds = open_store(url)
     assert str(ds.cross.dtype) == stored  # numpy has no bfloat16: captures hold it as float32
-    xr.testing.assert_identical(ds.drop_vars("sample_id").load(), cap.result)
+    xr.testing.assert_identical(
+        ds.drop_vars("sample_id").load(), _capture(flux, None, n=2, dtype=dtype).result
+    )
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_fsspec_urls(flux, tmp_path, scheme):
     url = f"file://{tmp_path}/nested/run.zarr" if scheme == "file" else _memory_url()
-    cap = _capture(flux, url, n=2)
-    xr.testing.assert_identical(open_store(url).drop_vars("sample_id").load(), cap.result)
+    _capture(flux, url, n=2)
+    xr.testing.assert_identical(
+        open_store(url).drop_vars("sample_id").load(), _capture(flux, None, n=2).result
+    )
     assert stored_bytes(url)["cross"] > 0
 
 
@@ -192,17 +202,21 @@ def test_an_exception_leaves_the_unfinished_sample_out(flux, tmp_path):
 
 
 def test_growing_store_appends_and_named_samples_are_overwritten(flux, tmp_path):
+    def second(store):
+        with attnlens.capture(flux, keep=("cross", "key_mass"), store=store) as cap:
+            for name, seed in (("1", 7), ("extra", 8)):  # overwrite slot 1 with another input, then append
+                with cap.sample(name) if store is not None else contextlib.nullcontext():
+                    cap.next_sample()
+                    flux(**flux_inputs(flux, height=4, width=6, seed=seed))
+        return cap.result
+
     path = tmp_path / "run.zarr"
-    first = _capture(flux, path, n=2)
-    with attnlens.capture(flux, keep=("cross", "key_mass"), store=path) as cap:
-        with cap.sample("1"):  # overwrite slot 1 with another input
-            flux(**flux_inputs(flux, height=4, width=6, seed=7))
-        with cap.sample("extra"):
-            flux(**flux_inputs(flux, height=4, width=6, seed=8))
+    first = _capture(flux, path, n=2).result.load()
+    second(path)
     ds = open_store(path).load()
     assert list(ds.sample_id.values) == ["0", "1", "extra"]
-    np.testing.assert_array_equal(ds.cross.isel(sample=0), first.result.cross.isel(sample=0))
-    np.testing.assert_array_equal(ds.cross.isel(sample=[1, 2]), cap.result.cross)
+    np.testing.assert_array_equal(ds.cross.isel(sample=0), first.cross.isel(sample=0))
+    np.testing.assert_array_equal(ds.cross.isel(sample=[1, 2]), second(None).cross)
 
 
 # -- resuming and several writers -------------------------------------------------------------
@@ -217,7 +231,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(reference, tmp_
     assert list(ds.sample_id.values) == ["s0", "s1", "s2"]  # s3 was half-written and is not read
     assert list(path.glob("cross/c.3.*")) and ds.encoding["in_progress"] == [3]  # its chunks and lease remain
     cap = _writer_module()["run"](str(path), IDS, IDS)  # resume: skips s0..s2, rewrites s3
-    assert cap.result.sizes["sample"] == 3
+    assert cap.result.sizes["sample"] == 6  # the whole store, read back
     xr.testing.assert_identical(open_store(path).load(), open_store(reference[0]).load())
 
 
@@ -376,7 +390,7 @@ def test_a_sample_without_its_record_is_rewritten_on_resume(reference, tmp_path)
         assert cap.pending() == ["s4"]
         assert cap.pending(["s5", "s4"]) == ["s4"]
     cap = writer["run"](str(path), IDS, IDS)
-    assert cap.result.sizes["sample"] == 1
+    assert cap.result.sizes["sample"] == 6
     xr.testing.assert_identical(open_store(path).load(), open_store(reference[0]).load())
 
 
@@ -503,7 +517,7 @@ def test_a_full_disk_ends_the_capture_and_keeps_completed_samples(flux, full_mem
     ) as info:
         _capture(flux, url, n=5)
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
-    reference = _capture(flux, _memory_url(), n=2)
+    reference = _capture(flux, None, n=2)
     ds = open_store(url)
     assert list(ds.sample_id.values) == ["0", "1"]
     xr.testing.assert_identical(ds.drop_vars("sample_id").load(), reference.result)

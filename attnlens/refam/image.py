@@ -441,8 +441,7 @@ def _capture_cross(
             try:
                 with capture(backend.transformer, intervene=intervene, **kwargs) as cap:
                     backend.forward(pixels, prompt, options.t, options.seed + i)
-            except HookError:  # the adapter cannot intervene (CogVideoX, Mochi; Wan's separate
-                # self- and cross-attention calls): filter the sink columns instead
+            except HookError:  # a model the capture cannot intervene in: filter the sink columns instead
                 intervened, intervene, cap = False, None, None
         if cap is None:
             with capture(backend.transformer, **kwargs) as cap:

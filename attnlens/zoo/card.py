@@ -19,9 +19,9 @@ from typing import Any
 import pandas as pd
 
 from ..analysis import find_sinks, sinks_by_layer
+from ..capture import capture
 from ..datasets import shapesref
 from ..report import markdown_table
-from ..session import capture
 from .evaluate import generation, grounding, summarise, train_readout
 from .shapes import ShapesPipeline
 

@@ -23,8 +23,8 @@ import torch
 import xarray as xr
 
 from ..analysis.metrics import otsu_threshold, pointing_game
+from ..capture import capture
 from ..datasets import shapesref
-from ..session import capture
 from .shapes import ShapesPipeline
 
 __all__ = ["GroundingRun", "grounding", "otsu", "summarise"]
