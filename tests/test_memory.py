@@ -53,9 +53,10 @@ def test_cross_capture_memory_does_not_grow_with_n_squared():
     assert large["extra"] < dense / 20
     # 9× the tokens: an N² capture would need 80× the memory; this one stays near what it keeps
     assert large["extra"] < 16 * 2**20 + 20 * large["kept"]
-    # the measurement does see N²: key_mass summed over all query rows in one chunk holds the dense logits
+    # the measurement does see N²: key_mass summed over all query rows in one chunk holds one head's
+    # dense logits (dense / 2), less what the plain forward's own high-water mark already covers
     unchunked = _extra_peak_bytes(96, chunk_bytes=2**40, keep="key_mass")
-    assert unchunked["extra"] > dense / 2
+    assert unchunked["extra"] > dense / 4
 
 
 # A capture of n samples streamed to a store on local disk, in a fresh interpreter.

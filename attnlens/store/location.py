@@ -11,6 +11,7 @@ free space) are the primitives of the writer's claim protocol.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import WrapperStore
 
 from ..errors import (
     CorruptStoreError,
@@ -356,3 +358,17 @@ def metadata_problems(listed: Mapping[str, Any], found: Mapping[str, bytes | Non
                 "it was edited or damaged"
             )
     return problems
+
+
+class StateWrapper(WrapperStore):
+    """A wrapper store with state of its own, which zarr's read-only twin shares.
+
+    zarr asks a store for its read-only twin when an array is opened with ``mode="r"``;
+    :class:`~zarr.storage.WrapperStore` builds it from the wrapped store alone, which a
+    wrapper with further constructor arguments cannot take.
+    """
+
+    def _with_store(self, store: Store) -> StateWrapper:
+        twin = copy.copy(self)
+        twin._store = store
+        return twin

@@ -22,12 +22,12 @@ import zarr
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
-from zarr.storage import WrapperStore
 
 from ..errors import CorruptStoreError, StoreError, choices
 from . import layout as lay
 from .location import (
     MARK,
+    StateWrapper,
     StoreLike,
     get_bytes,
     metadata_problems,
@@ -44,7 +44,7 @@ __all__ = ["open_store", "stored_bytes", "verify_store"]
 _DASK_CHUNK = 64 * 2**20  # target size of one dask task's read
 
 
-class _CheckedStore(WrapperStore):
+class _CheckedStore(StateWrapper):
     """Reads chunks only as their writer recorded them: present, with their size and crc32c."""
 
     def __init__(self, store: Store, url: str, records: Records, mark: dict[str, Any]) -> None:

@@ -28,7 +28,6 @@ import xarray as xr
 import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
-from zarr.storage import WrapperStore
 
 from ..errors import LayoutError, StoreError, StoreFullError, choices
 from ..schema import SCHEMA_VERSION
@@ -37,6 +36,7 @@ from .location import (
     MARK,
     META,
     STORE_VERSION,
+    StateWrapper,
     StoreLike,
     create_once,
     delete_keys,
@@ -182,7 +182,7 @@ async def _first_free(store: Store, start: int) -> int:
 # -- what a writer wrote ----------------------------------------------------------------------
 
 
-class _Recorder(WrapperStore):
+class _Recorder(StateWrapper):
     """The writer's view of the store: records the size and crc32c of every chunk written, by slot."""
 
     def __init__(self, store: Store) -> None:
