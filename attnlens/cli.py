@@ -149,17 +149,31 @@ def _verify(store: str, verify_store, what: str) -> int:
     return 1 if problems else 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    """Print the bytes a capture will write to a store, per variable, per sample and per run."""
+def _spec_fields(args: argparse.Namespace) -> dict:
+    """The CaptureSpec fields of ``--keep``, ``--heads``, ``--layers`` and ``--capture-dtype``."""
     import torch
 
-    from attnlens.store import plan
-    from attnlens.store.planning import format_bytes
+    from attnlens.errors import InputError
 
-    heads = args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
+    try:
+        heads = (
+            args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
+        )
+    except ValueError:
+        raise InputError(
+            f"--heads {args.heads!r}: give all, mean, max, or head indices such as 0,3"
+        ) from None
     spec = {"keep": tuple(args.keep), "heads": heads, "dtype": getattr(torch, args.capture_dtype)}
     if args.layers:
         spec["layers"] = args.layers
+    return spec
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the bytes a capture will write to a store, per variable, per sample and per run."""
+    from attnlens.store import plan
+
+    spec = _spec_fields(args)
     with console.status(f"reading {args.model}"):
         result = plan(
             args.model,
@@ -175,6 +189,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             storage_dtype=args.dtype,
             **spec,
         )
+    _print_plan(result)
+    if args.store:
+        result.check(args.store)
+        console.print(f"fits the free space of {args.store}")
+    return 0
+
+
+def _print_plan(result) -> None:
+    """Print a :class:`~attnlens.store.Plan`: bytes per variable, per sample and per run."""
+    from attnlens.store.planning import format_bytes
+
     console.print(
         f"[bold]{result.model}[/]: {result.text_tokens} text + {result.image_tokens} image tokens per forward"
     )
@@ -193,10 +218,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         console.print(f"note: {note}")
-    if args.store:
-        result.check(args.store)
-        console.print(f"fits the free space of {args.store}")
-    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    """Capture a prompts file into one store: one process, or one rank per GPU under torchrun."""
+    from attnlens import batch
+    from attnlens.store import plan
+
+    _check(positive={"--steps": args.steps})
+    prompts = batch.read_prompts(args.prompts)
+    place = batch.world()
+    spec = _spec_fields(args)
+    if args.timesteps:
+        spec["timesteps"] = args.timesteps
+    with console.status(f"loading {args.model}"):
+        pipe = _load_model(args.model)
+        if str(getattr(pipe, "device", "")) != place.device():
+            pipe.to(place.device())
+    shape = batch.geometry(pipe, height=args.height, width=args.width, text_tokens=args.text_tokens)
+    guided = args.guidance_scale is not None and args.guidance_scale != 1.0
+    estimate = plan(
+        pipe, steps=args.steps, samples=len(prompts), guidance=2 if guided else 1, **shape, **spec
+    )
+    if place.rank == 0:
+        _print_plan(estimate)
+        if place.size > 1:
+            console.print(f"{len(prompts)} prompts over {place.size} ranks")
+    estimate.check(args.store)
+    options = {
+        "height": shape["height"],
+        "width": shape["width"],
+        "max_sequence_length": shape["text_tokens"],
+        "guidance_scale": args.guidance_scale,
+    }
+    summary = batch.capture_prompts(
+        pipe, prompts, args.store, steps=args.steps, rank=place, pipeline_options=options, **spec
+    )
+    console.print(str(summary), soft_wrap=True, markup=False)
+    return 0 if summary.ok else 1
 
 
 def _cmd_sinks(args: argparse.Namespace) -> int:
@@ -466,6 +525,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sample", help="sample id whose tokens to list (default: the first)")
     inspect.add_argument("--verify", action="store_true", help="read every chunk, reporting damaged ones")
     inspect.set_defaults(func=_cmd_inspect)
+    capt = sub.add_parser(
+        "capture", help="capture a prompts file into a store (resumable; one rank per GPU under torchrun)"
+    )
+    capt.add_argument("prompts", help="text file (one prompt a line) or JSONL of {prompt, id, seed}")
+    capt.add_argument("--model", default="shapes-flux", help="embedded model, or a diffusers pipeline folder")
+    capt.add_argument("--store", required=True, help="path or fsspec URL of the store (s3://, gs://, ...)")
+    capt.add_argument(
+        "--keep",
+        nargs="+",
+        default=["cross"],
+        help="variables: cross text_to_image key_mass hidden_norm full",
+    )
+    capt.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
+    capt.add_argument(
+        "--layers", nargs="+", help="layer names or globs, e.g. 'single.*' (default: every layer)"
+    )
+    capt.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
+    capt.add_argument("--timesteps", nargs="+", type=int, help="capture these step indices only")
+    capt.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    capt.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    capt.add_argument("--text-tokens", type=int, help="max_sequence_length (default: the pipeline's)")
+    capt.add_argument("--guidance-scale", type=float, help="the pipeline's guidance_scale (default: its own)")
+    capt.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    capt.set_defaults(func=_cmd_capture)
     planned = sub.add_parser("plan", help="the bytes a capture will write to a store, before it runs")
     planned.add_argument("model", help="embedded model name, or a diffusers pipeline or transformer folder")
     planned.add_argument("--height", type=int, help="image (frame) height in pixels")
