@@ -261,10 +261,16 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 def _cmd_sinks(args: argparse.Namespace) -> int:
     """Find attention sinks in a store (or a capture of the tiny FLUX); print a table, write a figure."""
     from attnlens.analysis import find_sinks, plot_sinks, sinks_by_layer
+    from attnlens.cluster import cluster
+    from attnlens.errors import InputError
 
     _check(
         outputs={"--out": args.out} if args.out else {},
-        positive={"--min-ratio": args.min_ratio, "--steps": args.steps},
+        positive={
+            "--min-ratio": args.min_ratio,
+            "--steps": args.steps,
+            "--connect-timeout": args.connect_timeout,
+        },
         shares={"--head-share": args.head_share, "--epsilon": args.epsilon},
     )
     if args.store is not None:
@@ -272,10 +278,18 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
 
         ds, source = open_store(args.store), args.store
     else:
+        if args.scheduler or args.workers:
+            raise InputError("--scheduler and --workers analyse a STORE: give one")
         source = "a tiny random-weight FLUX pipeline"
         ds = _demo_capture(args.prompt, args.steps, keep=("key_mass", "cross", "hidden_norm"))
-    sinks = find_sinks(ds, min_ratio=args.min_ratio, head_share=args.head_share, epsilon=args.epsilon)
-    rows = sinks_by_layer(sinks, ds)
+    with cluster(
+        args.scheduler, workers=args.workers, memory_limit=args.memory_limit, timeout=args.connect_timeout
+    ) as client:
+        if client is not None:
+            console.print(f"computing on {client.scheduler.address} ({len(client.nthreads())} worker(s))")
+        sinks = find_sinks(ds, min_ratio=args.min_ratio, head_share=args.head_share, epsilon=args.epsilon)
+        rows = sinks_by_layer(sinks, ds)
+        figure = plot_sinks(sinks, ds) if args.out else None
     table = Table(title=f"attention sinks of {source} (means over samples and steps)")
     columns = {
         "layer": "layer",
@@ -302,8 +316,8 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
         table.add_row(*cells)
     console.print(table)
     console.print(f"query independence measured from: {sinks.attrs['query_share_from']}")
-    if args.out:
-        plot_sinks(sinks, ds).write_html(args.out, include_plotlyjs=True)
+    if figure is not None:
+        figure.write_html(args.out, include_plotlyjs=True)
         console.print(f"figure written to {args.out}")
     return 0
 
@@ -582,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     sinks.add_argument("--epsilon", type=float, default=0.3, help="Gu et al.'s threshold on α")
     sinks.add_argument("--steps", type=int, default=2, help="denoising steps of the capture without a store")
     sinks.add_argument("--prompt", default="a red mug on the left of a wooden table", help="without a store")
+    sinks.add_argument("--scheduler", help="compute on this dask.distributed scheduler, e.g. tcp://host:8786")
+    sinks.add_argument("--workers", type=int, help="compute on a local dask cluster of this many workers")
+    sinks.add_argument("--memory-limit", help="memory limit of each local worker, e.g. 2GiB (spills beyond)")
+    sinks.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --scheduler")
     sinks.set_defaults(func=_cmd_sinks)
     seg = sub.add_parser("segment", help="segment what a referring expression names (RefAM)")
     seg.add_argument("image", help="image file (any size and mode)")
