@@ -12,7 +12,9 @@ from . import (
     analysis,
     refam,
 )
+from .batch import capture_prompts
 from .capture import Capture, capture
+from .cluster import cluster
 from .errors import AttnlensError
 from .interventions import redirect, suppress
 from .models.registry import supported_models
@@ -28,6 +30,8 @@ __all__ = [
     "__version__",
     "analysis",
     "capture",
+    "capture_prompts",
+    "cluster",
     "explore",
     "label_tokens",
     "open_store",

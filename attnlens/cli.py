@@ -149,17 +149,31 @@ def _verify(store: str, verify_store, what: str) -> int:
     return 1 if problems else 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    """Print the bytes a capture will write to a store, per variable, per sample and per run."""
+def _spec_fields(args: argparse.Namespace) -> dict:
+    """The CaptureSpec fields of ``--keep``, ``--heads``, ``--layers`` and ``--capture-dtype``."""
     import torch
 
-    from attnlens.store import plan
-    from attnlens.store.planning import format_bytes
+    from attnlens.errors import InputError
 
-    heads = args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
+    try:
+        heads = (
+            args.heads if args.heads in ("all", "mean", "max") else [int(h) for h in args.heads.split(",")]
+        )
+    except ValueError:
+        raise InputError(
+            f"--heads {args.heads!r}: give all, mean, max, or head indices such as 0,3"
+        ) from None
     spec = {"keep": tuple(args.keep), "heads": heads, "dtype": getattr(torch, args.capture_dtype)}
     if args.layers:
         spec["layers"] = args.layers
+    return spec
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Print the bytes a capture will write to a store, per variable, per sample and per run."""
+    from attnlens.store import plan
+
+    spec = _spec_fields(args)
     with console.status(f"reading {args.model}"):
         result = plan(
             args.model,
@@ -175,6 +189,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             storage_dtype=args.dtype,
             **spec,
         )
+    _print_plan(result)
+    if args.store:
+        result.check(args.store)
+        console.print(f"fits the free space of {args.store}")
+    return 0
+
+
+def _print_plan(result) -> None:
+    """Print a :class:`~attnlens.store.Plan`: bytes per variable, per sample and per run."""
+    from attnlens.store.planning import format_bytes
+
     console.print(
         f"[bold]{result.model}[/]: {result.text_tokens} text + {result.image_tokens} image tokens per forward"
     )
@@ -193,19 +218,59 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         console.print(f"note: {note}")
-    if args.store:
-        result.check(args.store)
-        console.print(f"fits the free space of {args.store}")
-    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    """Capture a prompts file into one store: one process, or one rank per GPU under torchrun."""
+    from attnlens import batch
+    from attnlens.store import plan
+
+    _check(positive={"--steps": args.steps})
+    prompts = batch.read_prompts(args.prompts)
+    place = batch.world()
+    spec = _spec_fields(args)
+    if args.timesteps:
+        spec["timesteps"] = args.timesteps
+    with console.status(f"loading {args.model}"):
+        pipe = _load_model(args.model)
+        if str(getattr(pipe, "device", "")) != place.device():
+            pipe.to(place.device())
+    shape = batch.geometry(pipe, height=args.height, width=args.width, text_tokens=args.text_tokens)
+    guided = args.guidance_scale is not None and args.guidance_scale != 1.0
+    estimate = plan(
+        pipe, steps=args.steps, samples=len(prompts), guidance=2 if guided else 1, **shape, **spec
+    )
+    if place.rank == 0:
+        _print_plan(estimate)
+        if place.size > 1:
+            console.print(f"{len(prompts)} prompts over {place.size} ranks")
+    estimate.check(args.store)
+    options = {
+        "height": shape["height"],
+        "width": shape["width"],
+        "max_sequence_length": shape["text_tokens"],
+        "guidance_scale": args.guidance_scale,
+    }
+    summary = batch.capture_prompts(
+        pipe, prompts, args.store, steps=args.steps, rank=place, pipeline_options=options, **spec
+    )
+    console.print(str(summary), soft_wrap=True, markup=False)
+    return 0 if summary.ok else 1
 
 
 def _cmd_sinks(args: argparse.Namespace) -> int:
     """Find attention sinks in a store (or a capture of the tiny FLUX); print a table, write a figure."""
     from attnlens.analysis import find_sinks, plot_sinks, sinks_by_layer
+    from attnlens.cluster import cluster
+    from attnlens.errors import InputError
 
     _check(
         outputs={"--out": args.out} if args.out else {},
-        positive={"--min-ratio": args.min_ratio, "--steps": args.steps},
+        positive={
+            "--min-ratio": args.min_ratio,
+            "--steps": args.steps,
+            "--connect-timeout": args.connect_timeout,
+        },
         shares={"--head-share": args.head_share, "--epsilon": args.epsilon},
     )
     if args.store is not None:
@@ -213,10 +278,18 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
 
         ds, source = open_store(args.store), args.store
     else:
+        if args.scheduler or args.workers:
+            raise InputError("--scheduler and --workers analyse a STORE: give one")
         source = "a tiny random-weight FLUX pipeline"
         ds = _demo_capture(args.prompt, args.steps, keep=("key_mass", "cross", "hidden_norm"))
-    sinks = find_sinks(ds, min_ratio=args.min_ratio, head_share=args.head_share, epsilon=args.epsilon)
-    rows = sinks_by_layer(sinks, ds)
+    with cluster(
+        args.scheduler, workers=args.workers, memory_limit=args.memory_limit, timeout=args.connect_timeout
+    ) as client:
+        if client is not None:
+            console.print(f"computing on {client.scheduler.address} ({len(client.nthreads())} worker(s))")
+        sinks = find_sinks(ds, min_ratio=args.min_ratio, head_share=args.head_share, epsilon=args.epsilon)
+        rows = sinks_by_layer(sinks, ds)
+        figure = plot_sinks(sinks, ds) if args.out else None
     table = Table(title=f"attention sinks of {source} (means over samples and steps)")
     columns = {
         "layer": "layer",
@@ -243,8 +316,8 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
         table.add_row(*cells)
     console.print(table)
     console.print(f"query independence measured from: {sinks.attrs['query_share_from']}")
-    if args.out:
-        plot_sinks(sinks, ds).write_html(args.out, include_plotlyjs=True)
+    if figure is not None:
+        figure.write_html(args.out, include_plotlyjs=True)
         console.print(f"figure written to {args.out}")
     return 0
 
@@ -466,6 +539,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sample", help="sample id whose tokens to list (default: the first)")
     inspect.add_argument("--verify", action="store_true", help="read every chunk, reporting damaged ones")
     inspect.set_defaults(func=_cmd_inspect)
+    capt = sub.add_parser(
+        "capture", help="capture a prompts file into a store (resumable; one rank per GPU under torchrun)"
+    )
+    capt.add_argument("prompts", help="text file (one prompt a line) or JSONL of {prompt, id, seed}")
+    capt.add_argument("--model", default="shapes-flux", help="embedded model, or a diffusers pipeline folder")
+    capt.add_argument("--store", required=True, help="path or fsspec URL of the store (s3://, gs://, ...)")
+    capt.add_argument(
+        "--keep",
+        nargs="+",
+        default=["cross"],
+        help="variables: cross text_to_image key_mass hidden_norm full",
+    )
+    capt.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
+    capt.add_argument(
+        "--layers", nargs="+", help="layer names or globs, e.g. 'single.*' (default: every layer)"
+    )
+    capt.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
+    capt.add_argument("--timesteps", nargs="+", type=int, help="capture these step indices only")
+    capt.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
+    capt.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
+    capt.add_argument("--text-tokens", type=int, help="max_sequence_length (default: the pipeline's)")
+    capt.add_argument("--guidance-scale", type=float, help="the pipeline's guidance_scale (default: its own)")
+    capt.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    capt.set_defaults(func=_cmd_capture)
     planned = sub.add_parser("plan", help="the bytes a capture will write to a store, before it runs")
     planned.add_argument("model", help="embedded model name, or a diffusers pipeline or transformer folder")
     planned.add_argument("--height", type=int, help="image (frame) height in pixels")
@@ -499,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     sinks.add_argument("--epsilon", type=float, default=0.3, help="Gu et al.'s threshold on α")
     sinks.add_argument("--steps", type=int, default=2, help="denoising steps of the capture without a store")
     sinks.add_argument("--prompt", default="a red mug on the left of a wooden table", help="without a store")
+    sinks.add_argument("--scheduler", help="compute on this dask.distributed scheduler, e.g. tcp://host:8786")
+    sinks.add_argument("--workers", type=int, help="compute on a local dask cluster of this many workers")
+    sinks.add_argument("--memory-limit", help="memory limit of each local worker, e.g. 2GiB (spills beyond)")
+    sinks.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for --scheduler")
     sinks.set_defaults(func=_cmd_sinks)
     seg = sub.add_parser("segment", help="segment what a referring expression names (RefAM)")
     seg.add_argument("image", help="image file (any size and mode)")

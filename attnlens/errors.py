@@ -12,6 +12,7 @@ from collections.abc import Iterable
 __all__ = [
     "AttnlensError",
     "CaptureTooLargeError",
+    "ClusterError",
     "CorruptStoreError",
     "DatasetError",
     "EmptySpecError",
@@ -107,6 +108,10 @@ class StoreFullError(StoreError, OSError):
 
     def __str__(self) -> str:  # OSError would prefix "[Errno 28]" to the message
         return str(self.strerror if self.strerror is not None else self.args[0])
+
+
+class ClusterError(AttnlensError, ConnectionError):
+    """A dask scheduler cannot be reached, or a local cluster cannot start."""
 
 
 class InputError(AttnlensError, ValueError):

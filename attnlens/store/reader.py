@@ -56,6 +56,16 @@ class _CheckedStore(StateWrapper):
         self._chunks: dict[int, dict[str, list[int]]] = {}  # each read sample's record, by slot
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for the workers of a ``dask.distributed`` cluster: without the lock and the cache."""
+        state = self.__dict__.copy()
+        state["_lock"], state["_chunks"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     async def get(
         self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
     ) -> Buffer | None:
