@@ -248,6 +248,8 @@ def read_root(store: Store, url: str, *, for_writing: bool) -> dict[str, Any] | 
         _check_versions(attrs[MARK], url)
         return attrs
     keys = sorted(sync(list_names(store, "")))
+    if meta is None and "zarr.json" in keys:  # another writer created the root meanwhile
+        return read_root(store, url, for_writing=for_writing)
     children = [k for k in keys if k != "zarr.json"]
     started = META in children  # a writer creates this group first and marks the root last
     if meta is None and not keys:

@@ -791,7 +791,7 @@ class StoreWriter:
         elif name not in self._arrays_for_streams:
             extent = self._slots.capacity(0)
             self._arrays_for_streams[name] = self._create(
-                zarr.open_group(self._store, mode="a", zarr_format=3, use_consolidated=False),
+                _open_group(self._store),
                 name,
                 shape=(extent, *sizes.values()),
                 dtype=dtype,
@@ -845,8 +845,8 @@ class StoreWriter:
 
     def _initialise(self, ds: xr.Dataset) -> None:
         """Create the arrays of the store from its first sample group, then mark the root."""
-        group = zarr.open_group(self._store, mode="a", zarr_format=3, use_consolidated=False)
-        zarr.open_group(self._store, path=META, mode="a", zarr_format=3)  # a store being started
+        group = _open_group(self._store)
+        _open_group(self._store, META)  # a store being started
         if isinstance(self._slots, _Declared):
             ids = json_bytes({"ids": self._slots.ids})
             if not sync(create_once(self.store, DECLARED, ids)):
@@ -1008,6 +1008,14 @@ class StoreWriter:
                     f"{where} was written from a model with {key} {self._capture_attrs[key]!r}, this "
                     f"capture's model has {ds.attrs.get(key)!r}: write to another store"
                 )
+
+
+def _open_group(store: Store, path: str = "") -> zarr.Group:
+    """Open or create a group; where another writer creates it at the same moment, open theirs."""
+    try:
+        return zarr.open_group(store, path=path, mode="a", zarr_format=3, use_consolidated=False)
+    except zarr.errors.ContainsGroupError:  # created between zarr's check and its create
+        return zarr.open_group(store, path=path, mode="r+", zarr_format=3, use_consolidated=False)
 
 
 def _digest(value: Any) -> str:
