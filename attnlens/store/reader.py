@@ -10,6 +10,7 @@ value.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import threading
 import uuid
@@ -55,6 +56,12 @@ class _CheckedStore(WrapperStore):
         self.per_sample = {n for n, e in mark.get("arrays", {}).items() if e["role"] != "layout"}
         self._chunks: dict[int, dict[str, list[int]]] = {}  # each read sample's record, by slot
         self._lock = threading.Lock()
+
+    def _with_store(self, store: Store) -> _CheckedStore:
+        """The same checks over another view of the store (zarr's read-only copy of a writable one)."""
+        checked = copy.copy(self)
+        checked._store = store
+        return checked
 
     async def get(
         self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
