@@ -67,7 +67,10 @@ def capture(
         store: a path, fsspec URL or zarr store to stream each finished sample to (see
             :mod:`attnlens.store`), or a :class:`~attnlens.store.StoreWriter` configured by
             hand. What is written leaves memory: a capture of any number of samples holds
-            about one, and ``cap.result`` reads the store back after the block.
+            about one, and ``cap.result`` reads the store back after the block. ``full`` is
+            streamed as it is computed, never held for a whole sample, and not limited by
+            ``max_full_bytes``; the store's samples share one step count, set by its first
+            sample group (another count raises :class:`~attnlens.errors.LayoutError`).
         sample_ids: every sample id the store will hold, the same list in every process that
             writes to it (e.g. each ``torchrun`` rank); capture each inside
             ``with cap.sample(id):`` and resume with ``cap.pending()``. ``None``: the store
@@ -520,7 +523,30 @@ class _Bands:
         self.written = np.zeros(math.ceil(n / self.rows), dtype=bool)
 
     def put(self, rows: np.ndarray, cols: slice | np.ndarray, values: np.ndarray) -> None:
-        """``values`` ``(head, len(rows), len(cols))`` of the sample's rows ``rows`` and columns ``cols``."""
+        """``values`` ``(head, len(rows), len(cols))`` of the sample's rows ``rows`` and columns ``cols``.
+
+        Whole rows that make whole store chunks are queued as they are, without a copy.
+        """
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        first, last = start // self.rows, math.ceil(stop / self.rows)
+        if (
+            isinstance(cols, slice)
+            and cols == slice(None)
+            and start % self.rows == 0
+            and (stop % self.rows == 0 or stop == self.n)
+            and stop - start == len(rows)
+            and bool((np.diff(rows) == 1).all())
+            and not any(b in self.open for b in range(first, last))
+            and not self.written[first:last].any()
+        ):
+            for h in range(0, self.heads, self.head_block):
+                part = values[h : h + self.head_block]
+                heads = slice(h, h + len(part))
+                self.stream.write(
+                    part, step=self.step, layer=self.layer, head=heads, query_all=slice(start, stop)
+                )
+            self.written[first:last] = True
+            return
         blocks = rows // self.rows
         for b in np.unique(blocks):
             picked = blocks == b
