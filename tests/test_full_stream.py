@@ -245,14 +245,15 @@ def _extra_peak(side: int, steps: int, where: str) -> dict:
 
 @pytest.mark.slow
 def test_a_streamed_full_capture_holds_far_less_than_one_sample():
-    side, steps = 48, 5  # N = 2312 tokens, 4 layers, 2 heads: 816 MiB of float32 per sample
+    side, steps = 48, 8  # N = 2312 tokens, 4 layers, 2 heads: 1.3 GiB of float32 per sample
     streamed = _extra_peak(side, steps, "store")
     n = side * side + 8
     dense = steps * 4 * 2 * n * n * 4
     assert streamed["shape"] == [1, steps, 4, 2, n, n]
     print(f"extra peak with full streamed: {streamed['extra'] / 2**20:.1f} MiB of {dense / 2**20:.0f} MiB")
     assert streamed["extra"] < dense / 4
-    # the measurement sees a held `full`: in memory, two of the five steps already exceed the bound
-    in_memory = _extra_peak(side, 2, "memory")
-    print(f"extra peak with two steps' full in memory: {in_memory['extra'] / 2**20:.1f} MiB")
+    # the measurement sees a held `full` (within the ~100 MiB that a forward's own peak varies by):
+    # in memory, half of the steps, twice the bound, exceed it
+    in_memory = _extra_peak(side, steps // 2, "memory")
+    print(f"extra peak with half the steps' full in memory: {in_memory['extra'] / 2**20:.1f} MiB")
     assert in_memory["extra"] > dense / 4

@@ -333,9 +333,11 @@ class SampleStream:
     def discard(self) -> None:
         """Give the sample up: what was written of it is removed, and its slot stays empty."""
         writer = self._writer
-        if self in writer._streams:
+        try:
             writer._streams.remove(self)
-            writer._enqueue(lambda: writer._discard(self.slot))
+        except ValueError:
+            return  # submitted or discarded already
+        writer._enqueue(lambda: writer._discard(self.slot))
 
     def _cover(self, index: list[slice]) -> None:
         self._covered += self._overlap([(s.start, s.stop) for s in index])
