@@ -155,7 +155,7 @@ def test_a_disk_too_small_is_refused_before_the_forward_runs(tmp_path, monkeypat
     one_step = 2 * 2 * 24**2 * 4  # layers × heads × N² × float32
     free = {"bytes": one_step - 1}
     monkeypatch.setattr(writer_module, "free_bytes", lambda s: free["bytes"])
-    first = "keeping 'full' of its first steps needs 9.0 KiB"
+    first = r"keeping 'full' of its first steps needs 9\.0 KiB"
     with (
         pytest.raises(StoreFullError, match=first),
         attnlens.capture(model, keep=KEEP, store=store) as cap,
@@ -170,7 +170,7 @@ def test_a_disk_too_small_is_refused_before_the_forward_runs(tmp_path, monkeypat
         for t in (1.0, 0.5):
             model(**flux_inputs(model, timestep=t, height=4, width=4))
     free["bytes"] = one_step  # a later sample's whole size is known: refused at its first step
-    whole = "keeping 'full' of one sample needs 18.0 KiB"
+    whole = r"keeping 'full' of one sample needs 18\.0 KiB"
     with (
         pytest.raises(StoreFullError, match=whole),
         attnlens.capture(model, keep=KEEP, store=store) as cap,
@@ -178,6 +178,34 @@ def test_a_disk_too_small_is_refused_before_the_forward_runs(tmp_path, monkeypat
     ):
         model(**flux_inputs(model, timestep=1.0, height=4, width=4))
     assert list(open_store(store).sample_id.values) == ["a"]
+    assert verify_store(store) == []
+
+
+def test_a_first_sample_given_up_while_growing_leaves_the_store_open_to_another(tmp_path, monkeypatch):
+    import attnlens.store.writer as writer_module
+
+    model = tiny_flux_transformer()
+    store = tmp_path / "s.zarr"
+    one_step = 2 * 2 * 24**2 * 4
+    free = {"bytes": 10 * one_step}
+    monkeypatch.setattr(writer_module, "free_bytes", lambda s: free["bytes"])
+    with (
+        pytest.raises(StoreFullError, match=r"keeping 'full' of step 3 needs 9\.0 KiB"),
+        attnlens.capture(model, keep=KEEP, store=store) as cap,
+        cap.sample("long"),
+    ):
+        for t in (1.0, 0.5, 0.25):
+            if t == 0.25:
+                free["bytes"] = one_step - 1  # the disk fills up before the third step
+            model(**flux_inputs(model, timestep=t))
+    free["bytes"] = 10 * one_step
+    with attnlens.capture(model, keep=KEEP) as mem:
+        model(**flux_inputs(model, timestep=1.0))
+    with attnlens.capture(model, keep=KEEP, store=store) as cap, cap.sample("short"):
+        model(**flux_inputs(model, timestep=1.0))
+    stored = cap.result.load()
+    assert list(stored.sample_id.values) == ["short"]
+    np.testing.assert_array_equal(stored.full.values, mem.result.full.values)
     assert verify_store(store) == []
 
 

@@ -834,14 +834,24 @@ class StoreWriter:
         arr = arrays[stream.name]
         await self._put(arr, (slice(stream.slot, stream.slot + 1), *index), values[np.newaxis])
 
-    def _grow(self, name: str, axis: int, size: int) -> None:
-        """Resize the streamed array ``name`` along ``axis`` to ``size`` (at least), re-read afresh."""
-        arr = zarr.open_array(self._store, path=name, mode="r+")
-        if arr.shape[axis] < size:
+    def _grow(self, name: str, axis: int, size: int, *, exact: bool = False) -> None:
+        """Resize the streamed array ``name`` along ``axis`` to ``size`` (at least), re-read afresh.
+
+        ``exact``: to ``size`` itself, if the array exists (left by a first sample that was
+        discarded: the store holds no sample yet).
+        """
+        try:
+            arr = zarr.open_array(self._store, path=name, mode="r+")
+        except zarr.errors.ArrayNotFoundError:
+            if exact:
+                return
+            raise
+        if arr.shape[axis] < size or (exact and arr.shape[axis] != size):
             shape = list(arr.shape)
             shape[axis] = size
             arr.resize(tuple(shape))
-        self._arrays_for_streams[name] = arr.with_config(WRITE)
+        if not exact:
+            self._arrays_for_streams[name] = arr.with_config(WRITE)
 
     def _begin_stream(
         self, sample_id: str | None, name: str, sizes: dict[str, int], dtype: np.dtype, growing: str | None
@@ -857,6 +867,8 @@ class StoreWriter:
         elif not fixed and growing is not None and name in self._arrays_for_streams:
             sizes[growing] = max(sizes[growing], self._arrays_for_streams[name].shape[1 + axis])
             self._grow(name, 1 + axis, sizes[growing])
+        elif not fixed and growing is not None:
+            self._grow(name, 1 + axis, sizes[growing], exact=True)
         if growing is not None:
             what = f"keeping {name!r} of one sample" if fixed else f"keeping {name!r} of its first {growing}s"
             self.check_space(math.prod(sizes.values()) * dtype.itemsize, what)
