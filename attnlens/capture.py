@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
 
@@ -30,6 +31,7 @@ from .models.base import AttentionLayer
 from .models.registry import resolve
 from .recorder import Recorder
 from .spec import CaptureSpec
+from .streaming import StreamingRecorder
 from .text import TokenLabels
 
 __all__ = ["Capture", "capture"]
@@ -63,7 +65,10 @@ def capture(
         store: a path, fsspec URL or zarr store to stream each finished sample to (see
             :mod:`attnlens.store`), or a :class:`~attnlens.store.StoreWriter` configured by
             hand. What is written leaves memory: a capture of any number of samples holds
-            about one, and ``cap.result`` reads the store back after the block.
+            about one, and ``cap.result`` reads the store back after the block. ``full`` is
+            streamed as it is computed, never held for a whole sample, and not limited by
+            ``max_full_bytes``; the store's samples share one step count, set by its first
+            sample group (another count raises :class:`~attnlens.errors.LayoutError`).
         sample_ids: every sample id the store will hold, the same list in every process that
             writes to it (e.g. each ``torchrun`` rank); capture each inside
             ``with cap.sample(id):`` and resume with ``cap.pending()``. ``None``: the store
@@ -155,7 +160,8 @@ class Capture:
             hooked = [layer for layer in every if layer.name in acted or layer.name in chosen]
         # pipelines that switch transformers between steps (Wan 2.2) hook each one; layers share names
         members = adapter.transformers(transformer, pipeline)
-        self._recorder = Recorder(
+        streaming = self._writer is not None and "full" in spec.keep
+        self._recorder = (StreamingRecorder if streaming else Recorder)(
             adapter,
             transformer,
             pipeline,
@@ -166,6 +172,8 @@ class Capture:
             members=dict(members),
             new_run=self._new_run if self._writer is not None else None,
         )
+        if isinstance(self._recorder, StreamingRecorder):
+            self._recorder.writer = self._writer
         hidden = "hidden_norm" in spec.keep
         self._registries = [
             HookRegistry(
@@ -315,17 +323,19 @@ class Capture:
     def _submit(self, run: Run, ids: list[str] | None) -> None:
         """Queue ``run`` for the writer, which assembles its Dataset; the run's arrays leave the recorder."""
         assert self._writer is not None
+        recorder = self._recorder
+        streamed = isinstance(recorder, StreamingRecorder) and recorder.close_streams(run)
         steps, run.steps, run.stored = run.steps, [], True
         copied = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             copied = torch.cuda.Event()  # the writer thread must not read host buffers still being filled
             copied.record()
-        recorder = self._recorder
 
         def build() -> xr.Dataset:
             if copied is not None:
                 copied.synchronize()
-            return recorder.dataset([Run(run.layout, run.labels, run.prompts, steps, paths=run.paths)])
+            ds = recorder.dataset([Run(run.layout, run.labels, run.prompts, steps, paths=run.paths)])
+            return ds.assign_coords(query_all=np.arange(run.layout.seq_len)) if streamed else ds
 
         self._writer.submit(ids, build)
 

@@ -17,7 +17,8 @@ columns ``cols`` (each a slice or a 1-D index tensor) of the batch rows the call
 default sink is a tensor preallocated (NaN where no call writes) in the spec's dtype and
 device and kept when the forward ends. A store-backed sink, which writes each chunk to its
 region of a store as it comes, plugs in by overriding :meth:`Recorder.full_sink`; what it
-writes then never enters memory as a whole.
+writes then never enters memory as a whole; :class:`attnlens.capture.Capture` does so when
+given ``store=`` (``_StreamingRecorder``).
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ class CaptureSpec:
         device: device of what is kept.
         chunk_bytes: memory budget of the float32 temporaries of one chunk of query rows; bounds
             peak memory.
-        max_full_bytes: largest ``full`` capture accepted before a forward is refused.
+        max_full_bytes: largest ``full`` capture held in memory before a forward is refused;
+            a capture with ``store=`` streams ``full`` to the store and is limited by its disk.
 
     >>> spec = CaptureSpec(layers="double.*", heads="mean", keep=("cross", "key_mass"))
     >>> spec.keep

@@ -225,3 +225,34 @@ def test_a_growing_store_grows_past_its_first_capacity(tmp_path):
     assert list(ds.sample_id.values) == [str(i) for i in range(90)]
     np.testing.assert_array_equal(ds.key_mass.values, np.concatenate(groups))
     assert ds.encoding["sample_slots"] == 90
+
+
+def test_a_growing_stream_sets_the_step_count_of_a_fresh_store(tmp_path):
+    path = tmp_path / "run.zarr"
+    sizes = {"step": 1, "layer": 1, "head": 1, "query_all": 4, "key": 4}
+    key_mass = np.zeros((1, 3, 1, 1, 4), dtype=np.float32)
+    rest = xr.Dataset({"key_mass": (("sample", "step", "layer", "head", "key"), key_mass)})
+    writer = StoreWriter(path)
+    stream = writer.stream("a", "full", sizes, growing="step")
+    assert not stream.fixed
+    for step in range(3):
+        stream.grow(step + 1)  # a step arrives
+        stream.write(np.full((4, 4), float(step), "f4"), step=step, layer=0, head=0)
+    writer.submit(["a"], lambda: rest)
+    writer.close()
+    assert open_store(path).full.shape == (1, 3, 1, 1, 4, 4)
+    writer = StoreWriter(path)
+    later = writer.stream("b", "full", sizes, growing="step")  # takes the store's step count
+    assert later.fixed and later.sizes["step"] == 3
+    with pytest.raises(
+        LayoutError, match=r"over 3 step\(s\) per sample, but sample 'b' goes on to 4 step\(s\)"
+    ):
+        later.grow(4)
+    later.discard()
+    writer.close()
+    ds = open_store(path)
+    assert list(ds.sample_id.values) == ["a"]
+    np.testing.assert_array_equal(ds.full.values[0, :, 0, 0, 0, 0], [0.0, 1.0, 2.0])
+    assert verify_store(path) == []
+    with pytest.raises(LayoutError, match="has no dim 'frame' to grow"):
+        StoreWriter(path).stream("c", "full", sizes, growing="frame")

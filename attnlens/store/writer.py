@@ -244,6 +244,8 @@ class SampleStream:
         sizes: its dims (without ``sample``) and sizes, in order.
         chunks: the block the store writes at once, per dim: regions made of whole blocks
             are written without reading anything back.
+        growing: the dim :meth:`grow` may extend (``stream(..., growing="step")``), or ``None``.
+        fixed: whether the store already holds samples, whose size of ``growing`` this one must match.
     """
 
     def __init__(
@@ -261,6 +263,9 @@ class SampleStream:
         self.name = name
         self.sizes = sizes
         self.auto = False
+        self.growing: str | None = None
+        self.fixed = True
+        self.itemsize = 4  # bytes per element on disk
         self.chunks = dict(zip(sizes, block, strict=True))
         grid = [math.ceil(s / c) for s, c in zip(sizes.values(), self.chunks.values(), strict=True)]
         self._covered = np.zeros(grid, dtype=np.int64)  # elements written per block
@@ -294,6 +299,45 @@ class SampleStream:
             for sel, chunk, size in zip(index, self.chunks.values(), self.sizes.values(), strict=True)
         )
         self._writer._enqueue(lambda: self._writer._write_region(self, tuple(index), values), overlap=aligned)
+
+    def grow(self, size: int) -> None:
+        """Extend the ``growing`` dim to ``size`` (e.g. a new step of the store's first sample).
+
+        Only while the store holds no committed sample: its array is resized (metadata only,
+        as ``full`` is chunked by one step); the new part is checked against the disk's free
+        space first. In a store that holds samples, whose size is fixed, it raises
+        :class:`~attnlens.errors.LayoutError` naming both sizes.
+        """
+        dim = self.growing
+        if dim is None or size <= self.sizes[dim]:
+            if dim is None:
+                raise LayoutError(f"{self.name} of sample {self.sample_id!r} was not streamed with growing=")
+            return
+        if self.fixed:
+            raise LayoutError(
+                f"the store {self._writer.url} holds {self.name!r} over {self.sizes[dim]} {dim}(s) per "
+                f"sample, but sample {self.sample_id!r} goes on to {size} {dim}(s): a store holds samples "
+                f"of one {dim} count; write this sample to another store"
+            )
+        axis = list(self.sizes).index(dim)
+        per_index = math.prod(n for d, n in self.sizes.items() if d != dim)
+        added = (size - self.sizes[dim]) * per_index * self.itemsize
+        self._writer.check_space(added, f"keeping {self.name!r} of {dim} {size}")
+        self.sizes[dim] = size
+        grid = math.ceil(size / self.chunks[dim])
+        pad = [(0, 0)] * self._covered.ndim
+        pad[axis] = (0, grid - self._covered.shape[axis])
+        self._covered = np.pad(self._covered, pad)
+        self._writer._enqueue(lambda: self._writer._grow(self.name, axis + 1, size))
+
+    def discard(self) -> None:
+        """Give the sample up: what was written of it is removed, and its slot stays empty."""
+        writer = self._writer
+        try:
+            writer._streams.remove(self)
+        except ValueError:
+            return  # submitted or discarded already
+        writer._enqueue(lambda: writer._discard(self.slot))
 
     def _cover(self, index: list[slice]) -> None:
         self._covered += self._overlap([(s.start, s.stop) for s in index])
@@ -467,7 +511,13 @@ class StoreWriter:
         self._enqueue(lambda: self._write(ids, build))
 
     def stream(
-        self, sample_id: str | None, name: str, sizes: Mapping[str, int], dtype: Any = np.float32
+        self,
+        sample_id: str | None,
+        name: str,
+        sizes: Mapping[str, int],
+        dtype: Any = np.float32,
+        *,
+        growing: str | None = None,
     ) -> SampleStream:
         """Begin one sample by writing one variable of it region by region, e.g. ``full`` by query chunks.
 
@@ -480,6 +530,10 @@ class StoreWriter:
             sizes: its dims without ``sample`` and their sizes, in order, e.g.
                 ``{"step": 28, "layer": 57, "head": 24, "query_all": 4608, "key": 4608}``.
             dtype: the dtype of the values to be written (before the storage dtype).
+            growing: a dim whose size is not known yet (``"step"``: a capture learns a sample's
+                step count when it ends). In a store that holds no sample yet, ``sizes`` gives
+                its size so far and :meth:`SampleStream.grow` extends it; in one that does, the
+                stream takes the store's size (``stream.sizes``) and ``grow`` past it raises.
 
         >>> writer = StoreWriter("memory://doc/stream.zarr")
         >>> s = writer.stream("a", "full", {"step": 1, "layer": 1, "head": 1, "query_all": 4, "key": 4})
@@ -493,9 +547,13 @@ class StoreWriter:
             raise LayoutError(f"stream a variable of the schema with its dims, e.g. full {DIMS['full'][1:]}")
         if sample_id is not None:
             self.check_ids([str(sample_id)])
+        if growing is not None and growing not in sizes:
+            raise LayoutError(f"{name} has no dim {growing!r} to grow: its dims are {list(sizes)}")
         dtype = lay.storage_dtype(name, np.dtype(dtype), self.storage_dtype)
-        self.check_space(math.prod(sizes.values()) * dtype.itemsize, f"keeping {name!r} of one sample")
-        stream = self._enqueue(lambda: self._begin_stream(sample_id, name, dict(sizes), dtype)).result()
+        if growing is None:  # a growing stream is checked once its size is known, by the writer
+            self.check_space(math.prod(sizes.values()) * dtype.itemsize, f"keeping {name!r} of one sample")
+        begin = functools.partial(self._begin_stream, sample_id, name, dict(sizes), dtype, growing)
+        stream = self._enqueue(begin).result()
         stream.auto = sample_id is None
         self._streams.append(stream)
         return stream
@@ -776,13 +834,44 @@ class StoreWriter:
         arr = arrays[stream.name]
         await self._put(arr, (slice(stream.slot, stream.slot + 1), *index), values[np.newaxis])
 
+    def _grow(self, name: str, axis: int, size: int, *, exact: bool = False) -> None:
+        """Resize the streamed array ``name`` along ``axis`` to ``size`` (at least), re-read afresh.
+
+        ``exact``: to ``size`` itself, if the array exists (left by a first sample that was
+        discarded: the store holds no sample yet).
+        """
+        try:
+            arr = zarr.open_array(self._store, path=name, mode="r+")
+        except zarr.errors.ArrayNotFoundError:
+            if exact:
+                return
+            raise
+        if arr.shape[axis] < size or (exact and arr.shape[axis] != size):
+            shape = list(arr.shape)
+            shape[axis] = size
+            arr.resize(tuple(shape))
+        if not exact:
+            self._arrays_for_streams[name] = arr.with_config(WRITE)
+
     def _begin_stream(
-        self, sample_id: str | None, name: str, sizes: dict[str, int], dtype: np.dtype
+        self, sample_id: str | None, name: str, sizes: dict[str, int], dtype: np.dtype, growing: str | None
     ) -> SampleStream:
         if self._arrays is None:
             attrs = read_root(self.store, self.url, for_writing=True)
             if attrs is not None:
                 self._load(attrs)
+        fixed = self._arrays is not None
+        axis = list(sizes).index(growing) if growing is not None else -1
+        if fixed and growing is not None and self._roles.get(name) == "data":
+            sizes[growing] = self._arrays[name].shape[1 + axis]  # type: ignore[index]
+        elif not fixed and growing is not None and name in self._arrays_for_streams:
+            sizes[growing] = max(sizes[growing], self._arrays_for_streams[name].shape[1 + axis])
+            self._grow(name, 1 + axis, sizes[growing])
+        elif not fixed and growing is not None:
+            self._grow(name, 1 + axis, sizes[growing], exact=True)
+        if growing is not None:
+            what = f"keeping {name!r} of one sample" if fixed else f"keeping {name!r} of its first {growing}s"
+            self.check_space(math.prod(sizes.values()) * dtype.itemsize, what)
         if self._arrays is not None:
             if self._roles.get(name) != "data" or self._arrays[name].shape[1:] != tuple(sizes.values()):
                 raise LayoutError(
@@ -803,7 +892,9 @@ class StoreWriter:
             self._extent = extent
         ((pos, sample_id),) = sync(self._begin_all([sample_id]))
         array = (self._arrays or self._arrays_for_streams)[name]
-        return SampleStream(self, pos, sample_id, name, sizes, array.metadata.chunk_grid.chunk_shape[1:])
+        stream = SampleStream(self, pos, sample_id, name, sizes, array.metadata.chunk_grid.chunk_shape[1:])
+        stream.growing, stream.fixed, stream.itemsize = growing, fixed, dtype.itemsize
+        return stream
 
     # -- setting up ----------------------------------------------------------------------------
 
