@@ -149,6 +149,21 @@ def _verify(store: str, verify_store, what: str) -> int:
     return 1 if problems else 0
 
 
+def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--keep``, ``--heads``, ``--layers`` and ``--capture-dtype``, read by :func:`_spec_fields`."""
+    parser.add_argument(
+        "--keep",
+        nargs="+",
+        default=["cross"],
+        help="variables: cross text_to_image key_mass hidden_norm full",
+    )
+    parser.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
+    parser.add_argument(
+        "--layers", nargs="+", help="layer names or globs, e.g. 'single.*' (default: every layer)"
+    )
+    parser.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
 def _spec_fields(args: argparse.Namespace) -> dict:
     """The CaptureSpec fields of ``--keep``, ``--heads``, ``--layers`` and ``--capture-dtype``."""
     import torch
@@ -545,23 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     capt.add_argument("prompts", help="text file (one prompt a line) or JSONL of {prompt, id, seed}")
     capt.add_argument("--model", default="shapes-flux", help="embedded model, or a diffusers pipeline folder")
     capt.add_argument("--store", required=True, help="path or fsspec URL of the store (s3://, gs://, ...)")
-    capt.add_argument(
-        "--keep",
-        nargs="+",
-        default=["cross"],
-        help="variables: cross text_to_image key_mass hidden_norm full",
-    )
-    capt.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
-    capt.add_argument(
-        "--layers", nargs="+", help="layer names or globs, e.g. 'single.*' (default: every layer)"
-    )
+    _add_spec_arguments(capt)
     capt.add_argument("--steps", type=int, default=20, help="denoising steps per sample")
     capt.add_argument("--timesteps", nargs="+", type=int, help="capture these step indices only")
     capt.add_argument("--height", type=int, help="image height in pixels (default: the pipeline's)")
     capt.add_argument("--width", type=int, help="image width in pixels (default: the pipeline's)")
     capt.add_argument("--text-tokens", type=int, help="max_sequence_length (default: the pipeline's)")
     capt.add_argument("--guidance-scale", type=float, help="the pipeline's guidance_scale (default: its own)")
-    capt.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     capt.set_defaults(func=_cmd_capture)
     planned = sub.add_parser("plan", help="the bytes a capture will write to a store, before it runs")
     planned.add_argument("model", help="embedded model name, or a diffusers pipeline or transformer folder")
@@ -573,15 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     planned.add_argument("--guidance", type=int, default=1, help="forwards per step (2: both CFG branches)")
     planned.add_argument("--text-tokens", type=int, required=True, help="prompt tokens as encoded (padded)")
     planned.add_argument("--samples", type=int, default=1, help="samples in the run")
-    planned.add_argument(
-        "--keep",
-        nargs="+",
-        default=["cross"],
-        help="variables: cross text_to_image key_mass hidden_norm full",
-    )
-    planned.add_argument("--heads", default="all", help="all, mean, max, or head indices such as 0,3")
-    planned.add_argument("--layers", help="a layer name or glob, e.g. 'single.*' (default: every layer)")
-    planned.add_argument("--capture-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_spec_arguments(planned)
     planned.add_argument("--dtype", choices=["float16", "bfloat16"], help="storage dtype of probabilities")
     planned.add_argument(
         "--layout", default="chunks", choices=["chunks", "shards"], help="the store's layout"
