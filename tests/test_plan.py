@@ -189,6 +189,8 @@ def test_cli_plan(capsys):
         == 2
     )
     assert "holds no diffusers pipeline" in capsys.readouterr().out
+    assert cli_main(["plan", "shapes-flux", "--steps", "1", "--text-tokens", "8"]) == 2  # no image size
+    assert "give the height and width in pixels (--height, --width)" in capsys.readouterr().out
 
 
 def test_a_model_of_no_known_family_needs_its_token_count():

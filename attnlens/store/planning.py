@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import StoreFullError, UnsupportedModelError, choices
+from ..errors import InputError, StoreFullError, UnsupportedModelError, choices
 from . import layout as lay
 from .location import StoreLike, free_bytes, resolve
 
@@ -155,12 +155,14 @@ def plan(
     adapter, transformer, pipeline, name = _model(model)
     if image_tokens is None:
         if height is None or width is None:
-            raise ValueError("give height and width (pixels), or image_tokens")
+            raise InputError(
+                "give the height and width in pixels (--height, --width), or image_tokens (--image-tokens)"
+            )
         n_text, n_image = _token_counts(adapter, pipeline, name, height, width, frames, text_tokens)
     else:
         n_text, n_image = text_tokens, image_tokens
     if n_image < 1 or n_text < 1:
-        raise ValueError(f"{height} × {width} px and {text_tokens} text tokens give {n_image} image tokens")
+        raise InputError(f"{height} × {width} px and {text_tokens} text tokens give {n_image} image tokens")
     every = adapter.layers(transformer)
     chosen = set(spec.select_layers([layer.name for layer in every]))
     layers = [layer for layer in every if layer.name in chosen]
