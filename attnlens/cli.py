@@ -238,6 +238,7 @@ def _print_plan(result) -> None:
 def _cmd_capture(args: argparse.Namespace) -> int:
     """Capture a prompts file into one store: one process, or one rank per GPU under torchrun."""
     from attnlens import batch
+    from attnlens.models.registry import resolve
     from attnlens.store import plan
 
     _check(positive={"--steps": args.steps})
@@ -251,10 +252,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         if str(getattr(pipe, "device", "")) != place.device():
             pipe.to(place.device())
     shape = batch.geometry(pipe, height=args.height, width=args.width, text_tokens=args.text_tokens)
-    guided = args.guidance_scale is not None and args.guidance_scale != 1.0
-    estimate = plan(
-        pipe, steps=args.steps, samples=len(prompts), guidance=2 if guided else 1, **shape, **spec
-    )
+    adapter = resolve(pipe)[0]
+    forwards = adapter.forwards_per_step(pipe, guidance_scale=args.guidance_scale)
+    estimate = plan(pipe, steps=args.steps, samples=len(prompts), guidance=forwards, **shape, **spec)
     if place.rank == 0:
         _print_plan(estimate)
         if place.size > 1:

@@ -17,6 +17,7 @@ from attnlens.testing import (
     tiny_flux_pipeline,
     tiny_flux_transformer,
     tiny_mochi_pipeline,
+    tiny_sd3_pipeline,
     tiny_wan_pipeline,
 )
 
@@ -210,3 +211,17 @@ def test_a_model_of_no_known_family_needs_its_token_count():
             plan(pixart, keep="cross", height=64, width=96, steps=2, text_tokens=6)
         p = plan(pixart, keep="cross", image_tokens=24, steps=2, text_tokens=6)
     assert p.variables["cross"][0] == {"step": 2, "layer": 4, "head": 3, "query": 24, "key_text": 6}
+
+
+def test_forwards_per_step_follow_how_each_pipeline_guides():
+    from attnlens import zoo
+    from attnlens.models.registry import resolve
+
+    def forwards(pipe, **options):
+        return resolve(pipe)[0].forwards_per_step(pipe, **options)
+
+    flux, sd3, wan, shapes = tiny_flux_pipeline(), tiny_sd3_pipeline(), tiny_wan_pipeline(), zoo.load()
+    assert forwards(flux, guidance_scale=3.5) == 1  # an embedded guidance scale; true_cfg_scale guides
+    assert forwards(sd3) == 2 and forwards(sd3, guidance_scale=1.0) == 1  # CFG by default (7.0)
+    assert forwards(wan, guidance_scale=5.0) == 2
+    assert forwards(shapes) == 1 and forwards(shapes, guidance_scale=2.0) == 2  # against the empty prompt

@@ -272,6 +272,37 @@ class ModelAdapter:
         """The transformer the pipeline would run at flow time ``t`` (Wan 2.2 A14B holds two)."""
         return pipeline.transformer
 
+    def forwards_per_step(self, pipeline: Any, **options: Any) -> int:
+        """Transformer rows per sample and denoising step when ``pipeline`` is called with ``options``.
+
+        2 where classifier-free guidance runs (a second branch, or a doubled batch), else 1.
+        Pipelines with ``true_cfg_scale`` (FLUX.1, Qwen-Image, HunyuanVideo) guide by it; a
+        transformer that embeds the guidance scale (``guidance_embeds``) runs one branch for any
+        ``guidance_scale``; other pipelines guide when ``guidance_scale`` exceeds 1. An option
+        left out counts at the pipeline's default.
+
+        >>> from attnlens.testing import tiny_flux_pipeline
+        >>> ModelAdapter().forwards_per_step(tiny_flux_pipeline(), guidance_scale=3.5)
+        1
+        """
+        if pipeline is None:
+            return 1
+        params = inspect.signature(pipeline.__call__).parameters
+
+        def given(name: str) -> Any:
+            value = options.get(name)
+            if value is None and name in params:
+                value = params[name].default
+            return value
+
+        if "true_cfg_scale" in params:
+            scale = given("true_cfg_scale")
+        elif getattr(getattr(pipeline.transformer, "config", None), "guidance_embeds", False):
+            return 1
+        else:
+            scale = given("guidance_scale")
+        return 2 if isinstance(scale, int | float) and scale > 1 else 1
+
     def geometry(self, pipeline: Any) -> Geometry:
         """Pixels per token, frames per latent frame and the native size of ``pipeline``."""
         raise UnsupportedModelError(f"attnlens cannot encode images for the {self.family} family")
