@@ -480,3 +480,14 @@ def test_all_analyses_run_out_of_core_on_a_store_larger_than_the_memory_budget()
     assert np.array_equal(out["magnet"].values, magnet)
     assert out["auc"].shape == (layers,) and not out["auc"].isnull().any()
     assert (out["entropy"] == 0).all() and (out["transport"] == 0).all()  # a capture against itself
+
+
+def test_indicators_of_lazy_labels_stay_lazy_one_sample_at_a_time():
+    from attnlens.analysis._common import one_hot
+
+    ds = synthetic.planted(samples=3)
+    lazy = ds.assign_coords(key_kind=ds.key_kind.chunk({"sample": 1}))
+    hot = one_hot(lazy.key_kind, "kind")
+    assert isinstance(hot.data, da.Array) and hot.data.chunks[0] == (1, 1, 1)
+    xr.testing.assert_equal(hot.compute(), one_hot(ds.key_kind, "kind"))
+    xr.testing.assert_allclose(find_sinks(lazy.chunk({"sample": 1})).compute(), find_sinks(ds))

@@ -147,11 +147,40 @@ def group_mean(
 
 
 def one_hot(labels: xr.DataArray, dim: str, categories: Sequence[str] | None = None) -> xr.DataArray:
-    """``(…, dim, category)`` float indicator of each label's category (eager: labels are small)."""
-    values = np.asarray(labels.values).astype(str)
-    cats = list(dict.fromkeys(sorted(set(values.ravel())))) if categories is None else list(categories)
-    data = (values[..., None] == np.array(cats, dtype=str)).astype(np.float32)
-    return xr.DataArray(data, dims=(*labels.dims, dim), coords={dim: cats})
+    """``(…, dim, category)`` float indicator of each label's category; ``categories``: sorted by default.
+
+    Lazy (dask-backed) labels, as a store opens them, give a lazy result chunked as they are,
+    so that an analysis of many samples never holds every sample's indicators at once.
+    """
+    cats = sorted(_label_set(labels)) if categories is None else list(categories)
+    wanted = np.array(cats, dtype=str)
+
+    def encode(values: np.ndarray) -> np.ndarray:
+        return (np.asarray(values).astype(str)[..., None] == wanted).astype(np.float32)
+
+    hot = xr.apply_ufunc(
+        encode,
+        labels.reset_coords(drop=True),
+        output_core_dims=[[dim]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"output_sizes": {dim: len(cats)}},
+    )
+    return hot.assign_coords({dim: cats})
+
+
+def _label_set(labels: xr.DataArray) -> set[str]:
+    """The distinct labels, read one chunk at a time where they are lazy."""
+
+    def distinct(block: np.ndarray) -> set[str]:
+        return set(np.asarray(block).astype(str).ravel().tolist())
+
+    data = labels.data
+    if not hasattr(data, "to_delayed"):
+        return distinct(data)
+    import dask
+
+    return set().union(*dask.compute(*(dask.delayed(distinct)(b) for b in data.to_delayed().ravel())))
 
 
 def target_tokens(ds: xr.Dataset, targets: str | Sequence[str] | xr.DataArray) -> xr.DataArray:
