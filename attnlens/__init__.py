@@ -5,47 +5,62 @@
 True
 """
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from . import (
-    accessor,  # noqa: F401  (registers the ds.attnlens accessor)
-    analysis,
-    refam,
-)
-from .batch import capture_prompts
-from .capture import Capture, capture
-from .cluster import cluster
-from .errors import AttnlensError
-from .interventions import redirect, suppress
-from .models.registry import supported_models
-from .spec import CaptureSpec
-from .store import open_store
-from .text import TokenLabels, label_tokens
+from . import accessor  # noqa: F401  (registers the ds.attnlens accessor)
 
-__all__ = [
-    "AttnlensError",
-    "Capture",
-    "CaptureSpec",
-    "TokenLabels",
-    "__version__",
-    "analysis",
-    "capture",
-    "capture_prompts",
-    "cluster",
-    "explore",
-    "label_tokens",
-    "open_store",
-    "redirect",
-    "refam",
-    "supported_models",
-    "suppress",
-]
+# Where each public name lives. They are imported on first use, so that `import attnlens` (and
+# with it every `attnlens` command, `inspect` or `plan` say) does not pay for torch and
+# diffusers until a model is touched.
+_HOMES = {
+    "AttnlensError": "errors",
+    "Capture": "capture",
+    "CaptureSpec": "spec",
+    "TokenLabels": "text",
+    "capture": "capture",
+    "capture_prompts": "batch",
+    "cluster": "cluster",
+    "explore": "viz.explorer",
+    "label_tokens": "text",
+    "open_store": "store",
+    "redirect": "interventions",
+    "supported_models": "models.registry",
+    "suppress": "interventions",
+}
+_SUBMODULES = ("analysis", "refam")
+
+__all__ = sorted(["__version__", *_HOMES, *_SUBMODULES])
 
 
 def __getattr__(name: str):
-    # the explorer brings plotly (and, when called, ipywidgets): import them only for it
-    if name == "explore":
-        from .viz.explorer import explore
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _HOMES:
+        raise AttributeError(f"module 'attnlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    setattr(sys.modules[__name__], name, value)
+    return value
 
-        return explore
-    raise AttributeError(f"module 'attnlens' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """The package, whose functions ``capture`` and ``cluster`` share their names with modules.
+
+    Importing a submodule sets it as an attribute of the package; for these two the function
+    stays, as it does when ``from .capture import capture`` runs after the import.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and name in _HOMES and _HOMES[name] == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
