@@ -37,10 +37,13 @@ __all__ = sorted(["__version__", *_HOMES, *_SUBMODULES])
 
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name not in _HOMES:
-        raise AttributeError(f"module 'attnlens' has no attribute {name!r}")
+    if name not in _HOMES:  # a submodule, as once any import has loaded it
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'attnlens' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
     setattr(sys.modules[__name__], name, value)
     return value

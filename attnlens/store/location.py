@@ -247,7 +247,8 @@ def read_root(store: Store, url: str, *, for_writing: bool) -> dict[str, Any] | 
             raise CorruptStoreError(f"{url}: zarr.json is not that of a zarr format 3 group; it is damaged")
         _check_versions(attrs[MARK], url)
         return attrs
-    keys = sorted(sync(list_names(store, "")))
+    # a file being written atomically (zarr's "<name>.<uuid>.partial") is not there yet
+    keys = sorted(k for k in sync(list_names(store, "")) if not k.endswith(".partial"))
     if meta is None and "zarr.json" in keys:  # another writer created the root meanwhile
         return read_root(store, url, for_writing=for_writing)
     children = [k for k in keys if k != "zarr.json"]
