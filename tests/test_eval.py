@@ -82,23 +82,23 @@ def test_torchrun_with_two_ranks_gives_the_summary_of_one_process(shapes_folder,
 
 @pytest.mark.slow
 def test_an_eval_killed_mid_run_resumes_with_no_sample_missing_or_twice(shapes_folder, tmp_path):
-    out = tmp_path / "killed"
-    run = cli(*shapes_args(shapes_folder, out, 10), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    out, n = tmp_path / "killed", 30  # samples enough that the kill lands mid-run, however fast each is
+    run = cli(*shapes_args(shapes_folder, out, n), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     journal = out / "parts" / "rank-0.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 3):
-        time.sleep(0.2)
+        time.sleep(0.01)
     run.send_signal(signal.SIGKILL)
     run.wait()
     scored = journal.read_text().count("\n")
-    assert 3 <= scored < 10, "the run was killed after it had scored some samples and before it ended"
+    assert 3 <= scored < n, "the run was killed after it had scored some samples and before it ended"
     with open(journal, "a") as f:
         f.write('{"index": 99, "id": "torn')  # a line the kill cut short
-    assert cli(*shapes_args(shapes_folder, out, 10), stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    assert cli(*shapes_args(shapes_folder, out, n), stderr=subprocess.DEVNULL).wait(timeout=600) == 0
     _, rows = results(out)
-    assert rows["id"].tolist() == [f"shapesref/test/{i}" for i in range(10)]  # each once, in order
+    assert rows["id"].tolist() == [f"shapesref/test/{i}" for i in range(n)]  # each once, in order
     reference = tmp_path / "whole"
-    assert cli(*shapes_args(shapes_folder, reference, 10), stderr=subprocess.DEVNULL).wait(timeout=600) == 0
+    assert cli(*shapes_args(shapes_folder, reference, n), stderr=subprocess.DEVNULL).wait(timeout=600) == 0
     pd.testing.assert_frame_equal(rows, results(reference)[1])
 
 
