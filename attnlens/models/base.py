@@ -440,6 +440,13 @@ def vae_mode(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
 
 
+def scaled_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``(mode − shift_factor) · scaling_factor``: latents as FLUX, SD3, CogVideoX and HunyuanVideo
+    pipelines normalise them (a VAE without a ``shift_factor`` shifts by 0)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (vae_mode(vae, pixels) - shift) * vae.config.scaling_factor
+
+
 def _rows_for(ids: torch.Tensor, batch: int) -> torch.Tensor | None:
     """``(batch, seq)`` token ids for ``batch`` samples from ``(prompts, seq)`` ids (repeated per image)."""
     ids = ids if ids.ndim == 2 else ids.unsqueeze(0)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._video import BatchedCFG, text_inputs, video_grid, video_layout
-from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, forward_arguments, vae_mode
+from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, forward_arguments, scaled_latents
 
 __all__ = ["CogVideoXAdapter"]
 
@@ -68,7 +68,7 @@ class CogVideoXAdapter(BatchedCFG, ModelAdapter):
         return text_inputs(pipeline, prompt, max_sequence_length, masked=False)
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
-        return vae_mode(pipeline.vae, pixels) * pipeline.vae.config.scaling_factor
+        return scaled_latents(pipeline.vae, pixels)
 
     def noised_inputs(
         self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float

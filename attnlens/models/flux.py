@@ -28,8 +28,8 @@ from .base import (
     flow_noised,
     forward_arguments,
     pack_2x2,
+    scaled_latents,
     stream_layers,
-    vae_mode,
 )
 
 __all__ = ["FluxAdapter"]
@@ -94,8 +94,7 @@ class FluxAdapter(ModelAdapter):
         return inputs
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipeline.vae
-        return (vae_mode(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
+        return scaled_latents(pipeline.vae, pixels)
 
     def noised_inputs(
         self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float

@@ -31,8 +31,8 @@ from .base import (
     _rows_for,
     flow_noised,
     forward_arguments,
+    scaled_latents,
     stream_layers,
-    vae_mode,
 )
 
 __all__ = ["HunyuanVideoAdapter"]
@@ -119,7 +119,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         return inputs
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
-        return vae_mode(pipeline.vae, pixels) * pipeline.vae.config.scaling_factor
+        return scaled_latents(pipeline.vae, pixels)
 
     def noised_inputs(
         self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float

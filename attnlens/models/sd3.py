@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from ..errors import LayoutError
-from .base import AttentionLayer, CallLayout, Geometry, ModelAdapter, flow_noised, forward_arguments, vae_mode
+from .base import (
+    AttentionLayer,
+    CallLayout,
+    Geometry,
+    ModelAdapter,
+    flow_noised,
+    forward_arguments,
+    scaled_latents,
+)
 
 __all__ = ["SD3Adapter"]
 
@@ -158,8 +166,7 @@ class SD3Adapter(ModelAdapter):
         return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
 
     def encode_pixels(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
-        vae = pipeline.vae
-        return (vae_mode(vae, pixels) - vae.config.shift_factor) * vae.config.scaling_factor
+        return scaled_latents(pipeline.vae, pixels)
 
     def noised_inputs(
         self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, t: float
