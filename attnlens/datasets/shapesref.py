@@ -1,11 +1,14 @@
 """ShapesRef: a synthetic world of coloured shapes with exact masks, captions and referring expressions.
 
-Scenes hold 1-4 non-overlapping objects (6 shapes, 6 colours, 2 sizes) on a plain or lightly
-speckled background. Drawing has no anti-aliasing, so a pixel belongs to an object's mask exactly
-when it carries that object's colour. Each scene has a caption with stop words and a list of
-referring expressions, each of which picks out exactly one object by colour and shape, by shape
-alone, by size, or by position. The world is built so that colour alone does not solve it:
-objects often share a colour with another object of a different shape.
+Scenes hold non-overlapping objects on a plain or lightly speckled background, drawn from a
+:class:`World`: ``"v1"`` (64 × 64 pixels, 1-4 objects of 6 shapes × 6 colours × 2 sizes) or ``"v2"``
+(32 × 32 pixels, 1-3 objects of 4 shapes × 4 colours × 2 sizes, each at least 12 pixels wide, so
+3 × 3 tokens of a 4-pixel patch grid), and ``"v2-mono"``, v2's shapes in one colour, captioned
+without colour words (a curriculum's first stage). Drawing has no anti-aliasing, so a pixel
+belongs to an object's mask exactly when it carries that object's colour. Each scene has a caption
+with stop words and a list of referring expressions, each of which picks out exactly one object by
+colour and shape, by shape alone, by size, or by position. The world is built so that colour alone
+does not solve it: objects often share a colour with another object of a different shape.
 
 >>> rng = np.random.default_rng(0)
 >>> scene = make_scene(rng, n_objects=2)
@@ -21,7 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,10 +44,12 @@ __all__ = [
     "STOP_WORDS",
     "TEXTURE_AMPLITUDE",
     "VOCAB",
+    "WORLDS",
     "Expression",
     "ObjectSpec",
     "Scene",
     "Video",
+    "World",
     "baselines",
     "build_tokenizer",
     "expressions",
@@ -52,6 +57,7 @@ __all__ = [
     "make_video",
     "split",
     "word_roles",
+    "world_of",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -101,6 +107,126 @@ SPLITS: dict[str, int | None] = {"train": None, "val": 200, "test": 400}
 _SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 TEXTURE_AMPLITUDE = 12  # background noise lies in [-12, 12] grey levels
 _GAP = 2  # minimum empty pixels between the bounding squares of two objects
+MONO_RGB = (235, 235, 235)  # the one object colour of a monochrome world (not a vocabulary colour)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class World:
+    """What a ShapesRef world holds: the canvas, which words of :data:`VOCAB` it draws, how often.
+
+    Every world shares the vocabulary and tokenizer; a world uses a subset of its colours and shapes.
+
+    Attributes:
+        name: the key in :data:`WORLDS`.
+        image_size: side of the square images in pixels.
+        sizes_px: sides of the bounding squares of small and large objects.
+        shapes, colours, backgrounds: the names drawn (from :data:`SHAPES`, :data:`COLOURS`,
+            :data:`BACKGROUNDS`).
+        max_objects: scenes hold 1 to this many objects.
+        p_same_colour: chance that an object reuses a colour already in the scene (with a new shape);
+            it controls the share of expressions with a same-colour distractor.
+        p_same_shape: chance that an object reuses a shape already in the scene (with a new colour);
+            size and position expressions need repeated shapes.
+        p_texture: chance of a speckled rather than plain background.
+        monochrome: every object is drawn in :data:`MONO_RGB` and no caption or expression names
+            an object colour.
+        seed: mixed into every split's seeds, so that each world has its own frozen splits.
+
+    Examples:
+        >>> w = world_of("v2")
+        >>> w.image_size, w.shapes, w.colours
+        (32, ('circle', 'square', 'triangle', 'cross'), ('red', 'green', 'blue', 'yellow'))
+        >>> world_of("v2-mono").monochrome
+        True
+    """
+
+    name: str
+    image_size: int
+    sizes_px: tuple[int, int]
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    max_objects: int = 4
+    p_same_colour: float = 0.5
+    p_same_shape: float = 0.4
+    p_texture: float = 0.5
+    monochrome: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, names, known in (
+            ("shapes", self.shapes, SHAPES),
+            ("colours", self.colours, COLOURS),
+            ("backgrounds", self.backgrounds, BACKGROUNDS),
+        ):
+            unknown = [n for n in names if n not in known]
+            if unknown or not names:
+                raise ValueError(f"{label} must be a non-empty subset of {', '.join(known)}; got {names!r}")
+        _check_int("max_objects", self.max_objects, 1, 4)
+        _check_int("image_size", self.image_size, 1)
+        small, large = self.sizes_px
+        _check_int("sizes_px[0]", small, 6)
+        _check_int("sizes_px[1]", large, small + 1)
+        if 2 * large + _GAP > self.image_size:
+            raise ValueError(
+                f"image_size={self.image_size} is too small for objects of {large} px: several large "
+                f"objects need image_size >= {2 * large + _GAP}"
+            )
+        for label in ("p_same_colour", "p_same_shape", "p_texture"):
+            p = getattr(self, label)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{label} must lie in [0, 1], got {p!r}")
+
+    def rgb(self, colour: str) -> tuple[int, int, int]:
+        """The RGB an object named ``colour`` is drawn in."""
+        return MONO_RGB if self.monochrome else COLOURS[colour]
+
+
+_V2 = World(
+    "v2",
+    image_size=32,
+    sizes_px=(12, 14),
+    shapes=("circle", "square", "triangle", "cross"),
+    colours=("red", "green", "blue", "yellow"),
+    max_objects=3,
+    p_same_colour=0.6,
+    seed=2,
+)
+WORLDS: dict[str, World] = {
+    "v1": World("v1", image_size=64, sizes_px=(12, 22), shapes=SHAPES, colours=tuple(COLOURS)),
+    "v2": _V2,
+    "v2-mono": replace(
+        _V2, name="v2-mono", colours=_V2.colours[:1], backgrounds=("grey", "black"), monochrome=True
+    ),
+}
+"""The ShapesRef worlds by name. ``"v1"`` is the default of every function that takes a world."""
+
+
+def world_of(w: World | str = "v1", overrides: dict | None = None) -> World:
+    """The :class:`World` named ``w`` (or ``w`` itself), with ``overrides`` of its fields.
+
+    Examples:
+        >>> world_of("v2", {"max_objects": 1}).max_objects
+        1
+        >>> world_of("v3")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown ShapesRef world 'v3'; valid: v1, v2, v2-mono
+    """
+    if isinstance(w, str):
+        if w not in WORLDS:
+            raise ValueError(f"unknown ShapesRef world {w!r}; valid: {', '.join(WORLDS)}")
+        w = WORLDS[w]
+    if not isinstance(w, World):
+        raise TypeError(f"world must be a World or a name, got {type(w).__name__}")
+    return replace(w, **overrides) if overrides else w
 
 
 @dataclass(frozen=True)
@@ -196,28 +322,15 @@ class Video:
 
 
 def make_scene(
-    rng: np.random.Generator,
-    *,
-    n_objects: int | None = None,
-    image_size: int = 64,
-    sizes_px: tuple[int, int] = (12, 22),
-    p_same_colour: float = 0.5,
-    p_same_shape: float = 0.4,
-    p_texture: float = 0.5,
+    rng: np.random.Generator, *, n_objects: int | None = None, world: World | str = "v1", **overrides: object
 ) -> Scene:
     """Draw one still scene from ``rng``.
 
     Args:
         rng: the only source of randomness; the same state gives the same scene.
-        n_objects: 1-4, or ``None`` to draw it uniformly.
-        image_size: side of the square image in pixels.
-        sizes_px: sides of the bounding squares of small and large objects (defaults at 64 px:
-            3 and 5.5 patches of 4x4).
-        p_same_colour: chance that an object reuses a colour already in the scene (with a new shape);
-            it controls the share of expressions with a same-colour distractor.
-        p_same_shape: chance that an object reuses a shape already in the scene (with a new colour);
-            size and position expressions need repeated shapes.
-        p_texture: chance of a speckled rather than plain background.
+        n_objects: 1 to the world's ``max_objects``, or ``None`` to draw it uniformly.
+        world: a :class:`World` or its name in :data:`WORLDS`.
+        overrides: fields of the world to change, e.g. ``p_same_colour=0.0`` (see :class:`World`).
 
     Examples:
         >>> scene = make_scene(np.random.default_rng(1), n_objects=3)
@@ -227,14 +340,15 @@ def make_scene(
         'a small blue cross, a small red circle and a red triangle on a black background'
         >>> [(e.text, e.target) for e in scene.expressions][1:3]
         [('the cross', 0), ('the red circle', 1)]
+        >>> make_scene(np.random.default_rng(1), world="v2-mono").caption
+        'a small triangle and a circle on a black background'
     """
-    objects, background, texture = _sample(
-        rng, n_objects, image_size, sizes_px, p_same_colour, p_same_shape, p_texture, 1, 0
-    )
-    image, masks = _render(objects, background, texture, image_size, frame=0)
-    caption = _caption(rng, objects, background)
+    w = world_of(world, overrides)
+    objects, background, texture = _sample(rng, n_objects, w, 1, 0)
+    image, masks = _render(objects, background, texture, w, frame=0)
+    caption = _caption(rng, objects, background, w)
     return Scene(
-        image, masks, objects, background, texture is not None, caption, _expressions(objects, masks[None])
+        image, masks, objects, background, texture is not None, caption, _expressions(objects, masks[None], w)
     )
 
 
@@ -244,14 +358,11 @@ def make_video(
     n_frames: int = 4,
     max_speed: int = 3,
     n_objects: int | None = None,
-    image_size: int = 64,
-    sizes_px: tuple[int, int] = (12, 22),
-    p_same_colour: float = 0.5,
-    p_same_shape: float = 0.4,
-    p_texture: float = 0.5,
+    world: World | str = "v1",
+    **overrides: object,
 ) -> Video:
     """Draw one video: every object moves by a constant whole-pixel velocity, never leaving the
-    canvas nor touching another object. The background stays still. Other keywords are as in
+    canvas nor touching another object. The background stays still. Other arguments are as in
     :func:`make_scene`.
 
     Args:
@@ -267,22 +378,24 @@ def make_video(
     """
     _check_int("n_frames", n_frames, 2)
     _check_int("max_speed", max_speed, 1)
-    objects, background, texture = _sample(
-        rng, n_objects, image_size, sizes_px, p_same_colour, p_same_shape, p_texture, n_frames, max_speed
-    )
-    drawn = [_render(objects, background, texture, image_size, frame=t) for t in range(n_frames)]
+    w = world_of(world, overrides)
+    objects, background, texture = _sample(rng, n_objects, w, n_frames, max_speed)
+    drawn = [_render(objects, background, texture, w, frame=t) for t in range(n_frames)]
     frames = np.stack([image for image, _ in drawn])
     masks = np.stack([m for _, m in drawn])
-    caption = _caption(rng, objects, background)
+    caption = _caption(rng, objects, background, w)
     return Video(
-        frames, masks, objects, background, texture is not None, caption, _expressions(objects, masks)
+        frames, masks, objects, background, texture is not None, caption, _expressions(objects, masks, w)
     )
 
 
-def split(name: str, n: int | None = None, *, start: int = 0, video: bool = False) -> Iterator[Scene | Video]:
-    """Iterate the scenes (or videos) of a frozen split.
+def split(
+    name: str, n: int | None = None, *, start: int = 0, video: bool = False, world: World | str = "v1"
+) -> Iterator[Scene | Video]:
+    """Iterate the scenes (or videos) of a frozen split of a world.
 
-    Scene ``i`` of a split is drawn from its own generator seeded by ``(split seed, video, i)``, so any
+    Scene ``i`` of a split is drawn from its own generator seeded by ``(split seed, video, i)`` (and
+    the world's ``seed``), so any
     scene can be reached without drawing the ones before it (``start``). ``"train"`` is endless;
     ``"val"`` and ``"test"`` hold the scenes whose expressions make up their :data:`SPLITS` count.
 
@@ -291,22 +404,26 @@ def split(name: str, n: int | None = None, *, start: int = 0, video: bool = Fals
         n: how many scenes to yield (``None``: all, or forever for ``"train"``).
         start: index of the first scene.
         video: yield :class:`Video` samples from the video variant of the split.
+        world: a :class:`World` or its name.
 
     Examples:
         >>> [len(s.objects) for s in split("test", n=3)]
         [4, 2, 4]
+        >>> [len(s.objects) for s in split("test", n=3, world="v2")]
+        [3, 1, 1]
     """
-    n_scenes = _n_split_scenes(name, video)
+    w = world_of(world)
+    n_scenes = _n_split_scenes(name, video, w)
     if n is not None:
         _check_int("n", n, 0)
     _check_int("start", start, 0)
     stop = n_scenes if n is None else start + n if n_scenes is None else min(start + n, n_scenes)
     indices = itertools.count(start) if stop is None else range(start, stop)
-    return (_scene_at(name, video, i) for i in indices)
+    return (_scene_at(name, video, i, w) for i in indices)
 
 
 def expressions(
-    name: str, n: int | None = None, *, video: bool = False
+    name: str, n: int | None = None, *, video: bool = False, world: World | str = "v1"
 ) -> Iterator[tuple[Scene | Video, Expression]]:
     """Iterate ``(scene, expression)`` pairs of a split, scene by scene.
 
@@ -315,6 +432,7 @@ def expressions(
         n: how many pairs (``None``: the split's :data:`SPLITS` count, or forever for ``"train"``);
             at most that count for ``"val"`` and ``"test"``.
         video: draw from the video variant of the split.
+        world: a :class:`World` or its name.
 
     Examples:
         >>> [(e.text, e.kind, e.target) for _, e in expressions("test", n=2)]
@@ -326,7 +444,7 @@ def expressions(
         _check_int("n", n, 0)
     if n is not None and size is not None and n > size:
         raise ValueError(f"split {name!r} holds {size} expressions, asked for n={n}")
-    pairs = ((scene, e) for scene in split(name, video=video) for e in scene.expressions)
+    pairs = ((scene, e) for scene in split(name, video=video, world=world) for e in scene.expressions)
     count = size if n is None else n
     return pairs if count is None else itertools.islice(pairs, count)
 
@@ -436,13 +554,14 @@ def _check_split(name: str) -> None:
         raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
 
 
-def _scene_at(name: str, video: bool, index: int) -> Scene | Video:
-    rng = np.random.default_rng([_SPLIT_SEEDS[name], int(video), index])
-    return make_video(rng) if video else make_scene(rng)
+def _scene_at(name: str, video: bool, index: int, w: World) -> Scene | Video:
+    key = [_SPLIT_SEEDS[name], int(video), index] + ([] if w.seed is None else [w.seed])
+    rng = np.random.default_rng(key)
+    return make_video(rng, world=w) if video else make_scene(rng, world=w)
 
 
 @functools.cache
-def _n_split_scenes(name: str, video: bool) -> int | None:
+def _n_split_scenes(name: str, video: bool, w: World) -> int | None:
     """Number of scenes a frozen split spans (``None`` for the endless ``"train"``)."""
     _check_split(name)
     size = SPLITS[name]
@@ -450,77 +569,47 @@ def _n_split_scenes(name: str, video: bool) -> int | None:
         return None
     i = total = 0
     while total < size:
-        total += len(_scene_at(name, video, i).expressions)
+        total += len(_scene_at(name, video, i, w).expressions)
         i += 1
     return i
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-
-
 def _sample(
-    rng: np.random.Generator,
-    n_objects: int | None,
-    image_size: int,
-    sizes_px: tuple[int, int],
-    p_same_colour: float,
-    p_same_shape: float,
-    p_texture: float,
-    n_frames: int,
-    max_speed: int,
+    rng: np.random.Generator, n_objects: int | None, w: World, n_frames: int, max_speed: int
 ) -> tuple[tuple[ObjectSpec, ...], str, np.ndarray | None]:
     """Draw objects (attributes, positions, velocities), background and texture."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if n_objects is not None:
-        _check_int("n_objects", n_objects, 1, 4)
-    _check_int("image_size", image_size, 1)
-    small, large = sizes_px
-    _check_int("sizes_px[0]", small, 6)
-    _check_int("sizes_px[1]", large, small + 1)
-    if 2 * large + _GAP > image_size:
-        raise ValueError(
-            f"image_size={image_size} is too small for objects of {large} px: four large objects need "
-            f"image_size >= {2 * large + _GAP}"
-        )
-    for label, p in (
-        ("p_same_colour", p_same_colour),
-        ("p_same_shape", p_same_shape),
-        ("p_texture", p_texture),
-    ):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{label} must lie in [0, 1], got {p!r}")
-
-    n = int(rng.integers(1, 5)) if n_objects is None else int(n_objects)
+        _check_int("n_objects", n_objects, 1, w.max_objects)
+    n = int(rng.integers(1, w.max_objects + 1)) if n_objects is None else int(n_objects)
     colours: list[str] = []
     shapes: list[str] = []
     pairs: set[tuple[str, str]] = set()
     for _ in range(n):
         used = list(dict.fromkeys(colours))
-        pool = used if used and rng.random() < p_same_colour else [c for c in COLOURS if c not in used]
+        fresh = [c for c in w.colours if c not in used]
+        pool = used if used and (rng.random() < w.p_same_colour or not fresh) else fresh
         colour = pool[rng.integers(len(pool))]
-        free = [s for s in SHAPES if (colour, s) not in pairs]  # no two objects share colour and shape
+        free = [s for s in w.shapes if (colour, s) not in pairs]  # no two objects share colour and shape
         seen = [s for s in free if s in shapes]
         fresh = [s for s in free if s not in shapes] or free
-        pool = seen if seen and rng.random() < p_same_shape else fresh
+        pool = seen if seen and rng.random() < w.p_same_shape else fresh
         colours.append(colour)
         shapes.append(pool[rng.integers(len(pool))])
         pairs.add((colour, shapes[-1]))
     sizes = [SIZES[i] for i in rng.integers(2, size=n)]
+    small, large = w.sizes_px
     extents = [small if s == "small" else large for s in sizes]
-    placed = _place(rng, extents, image_size, n_frames, max_speed)
+    placed = _place(rng, extents, w.image_size, n_frames, max_speed)
     objects = tuple(
         ObjectSpec(shape, colour, size, x, y, e, v)
         for shape, colour, size, e, (x, y, v) in zip(shapes, colours, sizes, extents, placed, strict=True)
     )
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    background = w.backgrounds[rng.integers(len(w.backgrounds))]
     texture = None
-    if rng.random() < p_texture:
-        texture = rng.integers(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE + 1, size=(image_size, image_size))
+    if rng.random() < w.p_texture:
+        texture = rng.integers(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE + 1, size=(w.image_size, w.image_size))
     return objects, background, texture
 
 
@@ -529,7 +618,7 @@ def _place(
 ) -> list[tuple[int, int, tuple[int, int]]]:
     """Rejection-sample top-left corners and velocities so that, in every frame, each bounding square
     lies inside the canvas and at least ``_GAP`` pixels from every other."""
-    t = np.arange(n_frames)
+    t = range(n_frames)
     for _ in range(100):
         placed: list[tuple[int, int, tuple[int, int]]] = []
         for e in extents:
@@ -555,13 +644,14 @@ def _place(
     raise RuntimeError("could not place the objects without overlap; use fewer or smaller objects")
 
 
-def _apart(a: tuple, b: tuple, t: np.ndarray) -> bool:
+def _apart(a: tuple, b: tuple, t: range) -> bool:
     """Whether two moving squares ``(x, y, velocity, extent)`` keep ``_GAP`` pixels apart at all ``t``."""
     (ax, ay, av, ae), (bx, by, bv, be) = a, b
-    ax, ay, bx, by = ax + t * av[0], ay + t * av[1], bx + t * bv[0], by + t * bv[1]
-    sep_x = (ax + ae + _GAP <= bx) | (bx + be + _GAP <= ax)
-    sep_y = (ay + ae + _GAP <= by) | (by + be + _GAP <= ay)
-    return bool(np.all(sep_x | sep_y))
+    for f in t:  # plain ints: this runs in the placement's rejection loop, where numpy's overhead dominates
+        x0, y0, x1, y1 = ax + f * av[0], ay + f * av[1], bx + f * bv[0], by + f * bv[1]
+        if not (x0 + ae + _GAP <= x1 or x1 + be + _GAP <= x0 or y0 + ae + _GAP <= y1 or y1 + be + _GAP <= y0):
+            return False
+    return True
 
 
 @functools.cache
@@ -584,9 +674,10 @@ def _stencil(shape: str, extent: int) -> np.ndarray:
 
 
 def _render(
-    objects: tuple[ObjectSpec, ...], background: str, texture: np.ndarray | None, image_size: int, frame: int
+    objects: tuple[ObjectSpec, ...], background: str, texture: np.ndarray | None, w: World, frame: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one frame: ``(height, width, 3)`` uint8 image and ``(object, height, width)`` bool masks."""
+    image_size = w.image_size
     base = np.full((image_size, image_size, 3), BACKGROUNDS[background], dtype=np.int16)
     if texture is not None:
         base += texture[..., None].astype(np.int16)
@@ -595,7 +686,7 @@ def _render(
     for i, obj in enumerate(objects):
         x0, y0, x1, y1 = obj.box(frame)
         masks[i, y0:y1, x0:x1] = _stencil(obj.shape, obj.extent)
-        image[masks[i]] = COLOURS[obj.colour]
+        image[masks[i]] = w.rgb(obj.colour)
     return image, masks
 
 
@@ -603,19 +694,19 @@ def _with_article(words: list[str]) -> str:
     return " ".join(["an" if words[0][0] in "aeiou" else "a", *words])
 
 
-def _caption(rng: np.random.Generator, objects: tuple[ObjectSpec, ...], background: str) -> str:
+def _caption(rng: np.random.Generator, objects: tuple[ObjectSpec, ...], background: str, w: World) -> str:
     """E.g. ``"a red circle, a small blue square and a ring on a grey background"``; each size word is
-    said with probability 1/2."""
+    said with probability 1/2, colour words only in a world of several colours."""
     says_size = rng.random(len(objects)) < 0.5
     mentions = [
-        _with_article([o.size, o.colour, o.shape] if s else [o.colour, o.shape])
+        _with_article([o.size] * bool(s) + [o.colour] * (not w.monochrome) + [o.shape])
         for o, s in zip(objects, says_size, strict=True)
     ]
     listed = mentions[0] if len(mentions) == 1 else ", ".join(mentions[:-1]) + " and " + mentions[-1]
     return f"{listed} on a {background} background"
 
 
-def _expressions(objects: tuple[ObjectSpec, ...], masks: np.ndarray) -> tuple[Expression, ...]:
+def _expressions(objects: tuple[ObjectSpec, ...], masks: np.ndarray, w: World) -> tuple[Expression, ...]:
     """Every expression that picks out exactly one object, given ``(frame, object, height, width)`` masks."""
     ys, xs = np.indices(masks.shape[-2:])
     area = masks.sum(axis=(-2, -1))
@@ -626,7 +717,7 @@ def _expressions(objects: tuple[ObjectSpec, ...], masks: np.ndarray) -> tuple[Ex
     for i, obj in enumerate(objects):
         same_shape = [j for j, o in enumerate(objects) if o.shape == obj.shape and j != i]
         same_colour = any(o.colour == obj.colour for j, o in enumerate(objects) if j != i)
-        texts = [(f"the {obj.colour} {obj.shape}", "colour_shape")]
+        texts = [] if w.monochrome else [(f"the {obj.colour} {obj.shape}", "colour_shape")]
         if not same_shape:
             texts.append((f"the {obj.shape}", "shape"))
         else:

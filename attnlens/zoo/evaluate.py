@@ -14,6 +14,7 @@ classifier trained on real scenes reads back colour and shape.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -182,11 +183,13 @@ def summarise(run: GroundingRun, patch: int, model: str, subsets: bool = True) -
 class Readout(torch.nn.Module):
     """A small CNN that reads the colour and shape of the one object in a ShapesRef image.
 
-    Input ``(batch, 3, 64, 64)`` in ``[-1, 1]``; output logits ``(batch, colours + shapes)``.
+    Input ``(batch, 3, H, W)`` in ``[-1, 1]``; output logits ``(batch, colours + shapes)`` over the
+    world's colours and shapes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, world: shapesref.World | str = "v1") -> None:
         super().__init__()
+        self.world = shapesref.world_of(world)
         c = torch.nn
         self.features = c.Sequential(
             c.Conv2d(3, 16, 5, stride=2, padding=2), c.ReLU(),
@@ -195,39 +198,42 @@ class Readout(torch.nn.Module):
             c.Conv2d(64, 64, 3, padding=1), c.ReLU(),
             c.AdaptiveMaxPool2d(1), c.Flatten(),
         )  # fmt: skip
-        self.head = c.Linear(64, len(shapesref.COLOURS) + len(shapesref.SHAPES))
+        self.head = c.Linear(64, len(self.world.colours) + len(self.world.shapes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def read(self, images: np.ndarray) -> tuple[list[str], list[str]]:
-        """Colour and shape names of ``(batch, 64, 64, 3)`` uint8 images."""
+        """Colour and shape names of ``(batch, H, W, 3)`` uint8 images."""
         with torch.no_grad():
             logits = self(_to_tensor(images))
-        nc = len(shapesref.COLOURS)
-        colours, shapes = list(shapesref.COLOURS), list(shapesref.SHAPES)
+        colours, shapes = self.world.colours, self.world.shapes
+        nc = len(colours)
         return (
             [colours[i] for i in logits[:, :nc].argmax(1).tolist()],
             [shapes[i] for i in logits[:, nc:].argmax(1).tolist()],
         )
 
 
-def single_object_scenes(n: int, seed: int) -> list[shapesref.Scene]:
-    """``n`` seeded one-object scenes (their captions are the generation prompts)."""
+def single_object_scenes(n: int, seed: int, world: shapesref.World | str = "v1") -> list[shapesref.Scene]:
+    """``n`` seeded one-object scenes of ``world`` (their captions are the generation prompts)."""
     rng = np.random.default_rng(seed)
-    return [shapesref.make_scene(rng, n_objects=1) for _ in range(n)]
+    return [shapesref.make_scene(rng, n_objects=1, world=world) for _ in range(n)]
 
 
-def train_readout(n: int = 6000, epochs: int = 6, seed: int = 0) -> tuple[Readout, float]:
-    """Train :class:`Readout` on real one-object scenes; returns it and its held-out accuracy
-    (colour and shape both right)."""
+@functools.cache
+def train_readout(
+    n: int = 6000, epochs: int = 6, seed: int = 0, world: shapesref.World | str = "v1"
+) -> tuple[Readout, float]:
+    """Train :class:`Readout` on real one-object scenes of ``world``; returns it and its held-out
+    accuracy (colour and shape both right). Cached per process: a readout is trained once."""
     torch.manual_seed(seed)
-    scenes = single_object_scenes(n + 500, seed=1000 + seed)
+    scenes = single_object_scenes(n + 500, seed=1000 + seed, world=world)
     x = _to_tensor(np.stack([s.image for s in scenes]))
-    colours, shapes = list(shapesref.COLOURS), list(shapesref.SHAPES)
+    model = Readout(world)
+    colours, shapes = model.world.colours, model.world.shapes
     yc = torch.tensor([colours.index(s.objects[0].colour) for s in scenes])
     ys = torch.tensor([shapes.index(s.objects[0].shape) for s in scenes])
-    model = Readout()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     nc = len(colours)
     for _ in range(epochs):
@@ -255,8 +261,9 @@ def generation(
     guidance: float = 3.0,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Sample one-object captions and read colour and shape back: one row per prompt."""
-    scenes = single_object_scenes(n, seed=5000 + seed)
+    """Sample one-object captions of the readout's world and read colour and shape back: one row
+    per prompt."""
+    scenes = single_object_scenes(n, seed=5000 + seed, world=readout.world)
     g = torch.Generator().manual_seed(seed)
     images = np.concatenate(
         [

@@ -41,6 +41,7 @@ class ShapesConfig:
         num_layers, num_single_layers: FLUX double- and single-stream blocks.
         num_attention_heads, attention_head_dim: heads per block and their width.
         vocab_size: words of the tokenizer.
+        world: the :data:`~attnlens.datasets.shapesref.WORLDS` name the model draws and is measured on.
     """
 
     image_size: int = 64
@@ -52,7 +53,31 @@ class ShapesConfig:
     num_attention_heads: int = 4
     attention_head_dim: int = 32
     vocab_size: int = 48
+    world: str = "v1"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from ..datasets.shapesref import world_of
+
+        side = world_of(self.world).image_size
+        if self.image_size != side or side % self.patch:
+            raise ValueError(
+                f"world {self.world!r} draws {side} px images: image_size must be {side} and patch "
+                f"divide it; got image_size={self.image_size}, patch={self.patch}"
+            )
+
+    @classmethod
+    def for_world(cls, world: str, **fields: Any) -> ShapesConfig:
+        """The default architecture sized for ``world``: its image side, 4-px patches below 64 px.
+
+        >>> ShapesConfig.for_world("v2").grid
+        8
+        """
+        from ..datasets.shapesref import VOCAB, world_of
+
+        side = world_of(world).image_size
+        fields = {"image_size": side, "patch": 8 if side >= 64 else 4, "vocab_size": len(VOCAB)} | fields
+        return cls(world=world, **fields)
 
     @property
     def grid(self) -> int:
@@ -169,6 +194,13 @@ class ShapesPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    @property
+    def world(self) -> Any:
+        """The :class:`~attnlens.datasets.shapesref.World` this model draws."""
+        from ..datasets.shapesref import world_of
+
+        return world_of(self.config.world)
 
     # -- pieces --------------------------------------------------------------------------------
 
