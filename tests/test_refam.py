@@ -10,7 +10,8 @@ from scipy import ndimage
 import attnlens
 from attnlens import refam
 from attnlens.datasets import shapesref
-from attnlens.errors import AttnlensError, UnsupportedModelError
+from attnlens.errors import AttnlensError, HookError, UnsupportedModelError
+from attnlens.refam import image as refam_image
 from attnlens.refam.image import _filter_sinks
 from attnlens.testing import tiny_flux_pipeline, tiny_sam2, tiny_shapes_pipeline, tiny_t5_tokenizer
 from attnlens.text import TruncationWarning
@@ -139,8 +140,9 @@ def test_flux_end_to_end(flux_pipe, odd):
     assert r.info["resolution"] == 32 and r.info["gas_applied"].startswith(("suppress", "none"))
     assert r.options["t"] == 0.5 and r.options["gas"] == "suppress"
     assert r.expression.head == "mug" and r.prompt.magnets == ("the", "of", "and", "white")
-    # the prior of "left": the heatmap's right edge is cold
-    assert float(r.maps["prior"][:, -1].max()) == 0.0 and float(r.maps["heatmap"][:, -1].max()) == 0.0
+    # the prior of "left": the heatmap's right edge is damped to the prior's floor, not zeroed
+    np.testing.assert_allclose(r.maps["prior"][:, -1], 0.1)
+    assert float(r.maps["prior"].min()) == pytest.approx(0.1) and float(r.maps["prior"].max()) == 1.0
     again = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, negatives=1)
     assert np.array_equal(again.mask, r.mask) and np.array_equal(again.heatmap, r.heatmap)
     other = refam.segment(odd, "the red mug on the left", model=flux_pipe, resolution=32, seed=1)
@@ -246,9 +248,11 @@ def test_ablation_no_refinement(shapes, scene):
 def test_spatial_prior_switch(shapes, scene):
     with_prior = refam.segment(scene, EXPRESSION, model=shapes)
     without = refam.segment(scene, EXPRESSION, model=shapes, spatial_prior=False)
-    assert float(without.maps["prior"].min()) == 1.0 and float(with_prior.maps["prior"][:, -1].max()) == 0.0
+    hard = refam.segment(scene, EXPRESSION, model=shapes, prior_floor=0.0)
+    assert float(without.maps["prior"].min()) == 1.0 and float(hard.maps["prior"][:, -1].max()) == 0.0
     np.testing.assert_array_equal(with_prior.maps["aggregate"].values, without.maps["aggregate"].values)
     assert not np.array_equal(with_prior.heatmap, without.heatmap)
+    assert not np.array_equal(with_prior.heatmap, hard.heatmap)
 
 
 def test_spatial_prior_and_otsu():
@@ -259,6 +263,129 @@ def test_spatial_prior_and_otsu():
     assert refam.otsu_threshold(np.ones((3, 3))) == 1.0
     values = np.r_[np.zeros(50), np.ones(10)]
     assert (values >= refam.otsu_threshold(values)).sum() == 10
+
+
+def test_spatial_prior_floor():
+    """The prior is ``floor + (1 − floor) · ramp``: the far side is damped, never ruled out."""
+    np.testing.assert_allclose(
+        refam.spatial_prior(["left"], (1, 4), extent=1.0, floor=0.1), [[1.0, 0.7, 0.4, 0.1]]
+    )
+    np.testing.assert_allclose(refam.spatial_prior(["left"], (1, 4), extent=1.0), [[1, 2 / 3, 1 / 3, 0]])
+    for direction in ("left", "right", "top", "bottom", "middle"):
+        prior = refam.spatial_prior([direction, "left"], (6, 6), floor=0.1)  # products too: floor once
+        assert prior.min() == pytest.approx(0.1) and prior.max() <= 1.0
+    # an object on the "wrong" side wins when its attention is ten times stronger than that on the right side
+    attention = np.array([[0.05, 0.0, 0.0, 1.0]])
+    floored = attention * refam.spatial_prior(["left"], (1, 4), extent=1.0, floor=0.1)
+    hard = attention * refam.spatial_prior(["left"], (1, 4), extent=1.0)
+    assert (int(floored.argmax()), int(hard.argmax())) == (3, 0)
+    assert refam.RefamOptions().prior_floor == 0.1
+
+
+@pytest.mark.parametrize("floor", [1.0, -0.1, 1.5, float("nan")])
+def test_bad_prior_floors_are_refused(floor):
+    with pytest.raises(ValueError, match=r"prior_floor=.* must lie in \[0, 1\)"):
+        refam.RefamOptions(prior_floor=floor)
+    with pytest.raises(ValueError, match=r"floor=.* must lie in \[0, 1\)"):
+        refam.spatial_prior(["left"], (2, 2), floor=floor)
+
+
+def test_default_prior_has_no_zero_region(shapes, scene):
+    for expression in (EXPRESSION, "the blue square at the top right", "the middle triangle"):
+        r = refam.segment(scene, expression, model=shapes)
+        assert r.expression.directions, expression
+        prior = r.maps["prior"].values
+        assert (prior > 0).all() and prior.min() == pytest.approx(0.1), expression
+
+
+# -- text share --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aggregated(monkeypatch):
+    """The ``cross`` rows ``(layer, query, key_text)`` that each segment() call hands to step 5."""
+    seen = []
+    real = refam_image._aggregate
+
+    def spy(cross, *args):
+        seen.append(cross.copy())
+        return real(cross, *args)
+
+    monkeypatch.setattr(refam_image, "_aggregate", spy)
+    return seen
+
+
+def test_text_share_rows_are_distributions_over_the_text_keys(shapes, scene, aggregated):
+    raw = refam.segment(scene, EXPRESSION, model=shapes)
+    shared = refam.segment(scene, EXPRESSION, model=shapes, text_share=True)
+    raw_rows, shared_rows = aggregated
+    assert (
+        raw_rows.sum(axis=-1) < 0.99
+    ).all()  # raw rows: the rest of each query's attention is on image keys
+    np.testing.assert_allclose(shared_rows.sum(axis=-1), 1.0)
+    # the share is the raw row over its text sum, per layer (one forward here)
+    np.testing.assert_allclose(shared_rows, raw_rows / raw_rows.sum(axis=-1, keepdims=True))
+    assert not np.allclose(shared.heatmap, raw.heatmap)
+    assert not np.allclose(shared.maps["aggregate"].values, raw.maps["aggregate"].values)
+    # the magnets' map gets the same treatment: target and magnets share one distribution per query
+    total = shared.maps["target"].mean("layer") + shared.maps["magnet"]
+    assert float(total.max()) <= 1.0 + 1e-9 and float(shared.maps["magnet"].max()) > float(
+        raw.maps["magnet"].max()
+    )
+
+
+def test_text_share_after_post_hoc_sink_filtering(shapes, scene, aggregated, monkeypatch):
+    """Where the adapter cannot intervene, the share is taken over the text keys the filter leaves."""
+    _cannot_intervene(monkeypatch)
+    r = refam.segment(scene, EXPRESSION, model=shapes, sinks={"kind": "pad"}, text_share=True, forwards=2)
+    assert r.info["gas_applied"] == "filter"
+    (rows,) = aggregated
+    pad = r.prompt.labels.token_kind == "pad"
+    assert pad.any() and (rows[..., pad] == 0).all()
+    np.testing.assert_allclose(rows.sum(axis=-1), 1.0)
+
+
+# -- GAS never takes the target's own tokens ---------------------------------------------------------
+
+
+def _cannot_intervene(monkeypatch):
+    """Make attnlens.capture refuse interventions, as an adapter that cannot intervene does."""
+    real = attnlens.capture
+
+    def capture(model, intervene=None, **kwargs):
+        if intervene is not None:
+            raise HookError("this test's adapter cannot intervene")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(attnlens, "capture", capture)
+
+
+def _gas_on_the_target(monkeypatch):
+    """The automatic sink finder names the target token (in every layer), beside what it finds."""
+    real = refam_image._find_gas
+
+    def find_gas(backend, pixels, prompt, options):
+        positions, _, text = real(backend, pixels, prompt, options)
+        return sorted({*positions, int(text[prompt.target[0]])}), ["double.0", "single.0"], text
+
+    monkeypatch.setattr(refam_image, "_find_gas", find_gas)
+
+
+@pytest.mark.parametrize("intervenes", [True, False], ids=["suppress", "filter"])
+def test_gas_handling_spares_the_target_tokens(shapes, scene, monkeypatch, intervenes):
+    _gas_on_the_target(monkeypatch)
+    if not intervenes:
+        _cannot_intervene(monkeypatch)
+    spared = refam.segment(scene, EXPRESSION, model=shapes)  # gas_spare_targets=True by default
+    ablated = refam.segment(scene, EXPRESSION, model=shapes, gas_spare_targets=False)
+    target = int(spared.prompt.target[0])  # text position; the text comes first in the ShapesPipeline
+    assert spared.info["spared_sinks"] == [target] and target not in spared.info["sinks"]
+    assert ablated.info["spared_sinks"] == [] and target in ablated.info["sinks"]
+    assert ablated.info["gas_applied"] == ("suppress" if intervenes else "filter")
+    # the spared target keeps its column in every layer; the ablation suppresses it (or drops it)
+    assert (spared.maps["target"].values > 0).all()
+    np.testing.assert_array_equal(ablated.maps["target"].values, 0.0)
+    assert spared.maps.attrs["aggregated_positions"] == ablated.maps.attrs["aggregated_positions"] == [target]
 
 
 def test_sink_columns_filtered_post_hoc():

@@ -15,11 +15,17 @@
    ``sinks``; ``gas="suppress"`` drops their columns and renormalises inside the model
    (:func:`attnlens.suppress`), ``gas="redirect"`` moves their mass onto the magnets
    (:func:`attnlens.redirect`), ``gas="none"`` leaves them. Where the adapter cannot intervene,
-   the sink text columns are dropped from the captured rows and each row is renormalised instead;
+   the sink text columns are dropped from the captured rows and each row is renormalised instead.
+   With ``gas_spare_targets`` (the default), a key the automatic finder names that is one of the
+   target tokens is spared: GAS handling never suppresses or redirects the words being segmented;
 5. **aggregate** the target tokens' maps (summed over tokens: the mass the target words get),
-   averaged over heads, layers and forwards. **Magnet filtering** keeps stop words and magnets
-   out of that sum; switched off, their maps join it. A soft **spatial prior** (a linear ramp
-   from 1 at the named side to 0 at ``prior_extent`` of the image) multiplies the map;
+   averaged over heads, layers and forwards. With ``text_share``, each image query's row is first
+   divided by its sum over the text keys left after the GAS column filtering (per layer and
+   forward), so that the maps are the words' shares of the query's attention to the prompt (the
+   magnets' maps alike). **Magnet filtering** keeps stop words and magnets out of that sum;
+   switched off, their maps join it. A soft **spatial prior** multiplies the map: a linear ramp
+   from 1 at the named side to 0 at ``prior_extent`` of the image, lifted to
+   ``prior_floor + (1 − prior_floor) · ramp`` so that no region is ruled out;
 6. **points**: the ``n_points`` highest local maxima of the heatmap (positives) and, with
    ``negatives > 0``, the strongest peaks where the magnets own more attention than the target;
    **refinement**: Otsu's threshold, then the largest connected component; or, with a segmenter,
@@ -85,13 +91,34 @@ class RefamOptions:
         layers: captured layers, as :attr:`attnlens.CaptureSpec.layers`; ``None``: all (Wan: its
             cross-attention layers, the only ones with text keys).
         heads: head reduction of the capture, ``"mean"`` (Ref-Diff, DAAM) or ``"max"``.
+        text_share: divide each image query's captured image→text row by its sum over the text
+            keys of the prompt (every captured text column left after the GAS column filtering)
+            before the target tokens' maps are summed, ``False``. The maps then hold each word's
+            *share* of the query's attention to the prompt rather than its raw probability. In
+            small models the raw image→text probabilities are largest where image tokens read
+            the text most, often the background, so the raw target map can peak there; the
+            share compares the words against each other at each image position. The magnets'
+            map gets the same treatment, so that the two stay comparable for negative points.
+            The share is taken per layer and per forward, before their mean; the capture has
+            already reduced the heads (``heads``), so it is the share of the head-mean (or
+            head-max) row, not the mean of per-head shares. Pure cross-attention layers (Wan's
+            ``cross.N``) already attend to text alone: there it changes nothing.
         gas: ``"suppress"`` (default), ``"redirect"`` or ``"none"`` (the "no GAS handling" ablation).
         sinks: which keys are GAS: ``"auto"`` (:func:`~attnlens.analysis.find_sinks` on a probe
             forward; the layers where they are found are intervened in), or a
             :class:`~attnlens.interventions.TokenSelector` field mapping (``{"kind": "pad"}``) or
-            joint-sequence positions (every layer is intervened in).
+            joint-sequence positions (every layer is intervened in; taken as given, nothing is
+            spared).
+        gas_spare_targets: never handle a target token as a GAS, ``True``: a key that the
+            automatic finder (``sinks="auto"``) names and that is one of the target tokens (the
+            tokens whose maps step 5 sums) is removed from the sinks that are suppressed or
+            redirected, and from the columns that the post-hoc filter drops; ``info["spared_sinks"]``
+            lists them. ``False``: the ablation, the finder's keys as found.
         spatial_prior: apply the spatial prior of the expression's spatial words.
         prior_extent: share of the image over which the prior ramps from 1 to 0, 2/3 (Ref-Diff).
+        prior_floor: the prior's least value, in ``[0, 1)``, 0.1: the prior is
+            ``floor + (1 − floor) · ramp``, so that an object on the "wrong" side of a spatial
+            word can still win when its attention is much stronger (0: the hard-zero ramp).
         n_points: positive points, 1 (the argmax peak), per image or frame.
         negatives: negative points from magnet-owned regions, 0.
         refine: refine the thresholded heatmap (``False``: the "no refinement" ablation: Otsu's
@@ -115,10 +142,13 @@ class RefamOptions:
     guidance: float = 3.5
     layers: Any = None
     heads: str = "mean"
+    text_share: bool = False
     gas: str = "suppress"
     sinks: Any = "auto"
+    gas_spare_targets: bool = True
     spatial_prior: bool = True
     prior_extent: float = 2 / 3
+    prior_floor: float = 0.1
     n_points: int = 1
     negatives: int = 0
     refine: bool = True
@@ -136,11 +166,20 @@ class RefamOptions:
             raise ValueError(f"t={self.t} lies outside the flow time range [0, 1]")
         if not 0.0 < float(self.prior_extent) <= 1.0:
             raise ValueError(f"prior_extent={self.prior_extent} must lie in (0, 1]")
+        _check_floor(self.prior_floor, "prior_floor")
         for name in ("forwards", "n_points"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if int(self.negatives) < 0:
             raise ValueError(f"negatives must be 0 or more; got {self.negatives}")
+
+
+def _check_floor(floor: float, name: str = "floor") -> None:
+    if not 0.0 <= float(floor) < 1.0:
+        raise ValueError(
+            f"{name}={floor} must lie in [0, 1): the spatial prior's least value (0: a hard zero on the "
+            "far side; 1 would switch the prior off: use spatial_prior=False)"
+        )
 
 
 @dataclass
@@ -159,7 +198,9 @@ class RefamResult:
         expression: the :class:`~attnlens.refam.ParsedExpression`.
         options: the :class:`RefamOptions` as a dict.
         info: what actually ran: ``gas_applied`` (``suppress``/``redirect``/``filter``/``none``),
-            ``sinks`` (joint positions), ``sink_layers``, ``refiner``, ``resolution``, ``grid``.
+            ``sinks`` (joint positions), ``sink_layers``, ``spared_sinks`` (the joint positions of
+            target tokens the GAS finder named and ``gas_spare_targets`` spared), ``refiner``,
+            ``resolution``, ``grid``.
     """
 
     mask: np.ndarray
@@ -398,6 +439,10 @@ def _intervention(
     if options.sinks == "auto":
         positions, layers, text = _find_gas(backend, pixels, prompt, options)
         info["sink_layers"] = layers
+        if options.gas_spare_targets:  # the words being segmented are never handled as sinks
+            targets = {int(p) for p in np.asarray(text)[prompt.target]}
+            info["spared_sinks"] = [p for p in positions if p in targets]
+            positions = [p for p in positions if p not in targets]
         if options.gas == "redirect":
             magnet_joint = {int(p) for p in text[prompt.magnet]}
             positions = [p for p in positions if p not in magnet_joint]  # the receivers cannot also give
@@ -428,12 +473,14 @@ def _capture_cross(
 
     ``cross`` is ``(layer, query, key_text)``, 0 where a key is not attended (Mochi's padding);
     ``grid`` the ``(frame, y, x)`` of each query, ``(query, 3)``. Layers without image→text
-    attention (Wan's self-attention) are left out.
+    attention (Wan's self-attention) are left out. With ``options.text_share`` each forward's rows
+    are shares of the text keys (:func:`_text_share`) before the forwards are averaged.
     """
     from .. import capture
 
     layers = options.layers if options.layers is not None else backend.layers
     total, intervened = None, intervene is not None
+    select = intervene.select if intervene is not None else None
     for i in range(options.forwards):
         kwargs = dict(keep="cross", layers=layers, heads=options.heads, labels=[prompt.labels])
         cap = None
@@ -448,7 +495,15 @@ def _capture_cross(
                 backend.forward(pixels, prompt, options.t, options.seed + i)
         ds = cap.result
         cross = ds["cross"].isel(sample=0, step=0, head=0).transpose("layer", "query", "key_text").values
-        total = cross.astype(np.float64) if total is None else total + cross
+        cross = cross.astype(np.float64)
+        if options.text_share:  # per layer and forward, over the text keys the sink filter leaves
+            drop = (
+                None
+                if intervened or select is None
+                else _sink_columns(select, prompt.labels, cross.shape[-1], _text_positions(ds))
+            )
+            cross = _text_share(cross, drop)
+        total = cross if total is None else total + cross
     names = np.array([str(n) for n in ds["layer"].values])
     kept = np.isfinite(total).any(axis=(1, 2))
     if not kept.any():
@@ -472,7 +527,12 @@ def _attention(
     intervene = _intervention(backend, pixels, prompt, options, info)
     cross, grid, layer_names, intervened, text = _capture_cross(backend, pixels, prompt, options, intervene)
     if intervene is None:
-        info["gas_applied"] = "none" if options.gas == "none" else "none (no GAS found)"
+        if options.gas == "none":
+            info["gas_applied"] = "none"
+        else:
+            info["gas_applied"] = (
+                "none (every GAS spared)" if info.get("spared_sinks") else "none (no GAS found)"
+            )
     else:
         info["gas_applied"] = options.gas if intervened else "filter"
     if info["gas_applied"] == "filter":
@@ -488,17 +548,24 @@ def _grid(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def spatial_prior(directions: Sequence[str], shape: tuple[int, int], extent: float = 2 / 3) -> np.ndarray:
+def spatial_prior(
+    directions: Sequence[str], shape: tuple[int, int], extent: float = 2 / 3, *, floor: float = 0.0
+) -> np.ndarray:
     """The soft prior of spatial directions on a ``(h, w)`` grid: a product of linear ramps, ``(h, w)``.
 
     ``left`` is 1 at the left edge and falls linearly to 0 at ``extent`` of the width; ``right``,
     ``top``, ``bottom`` alike; ``middle`` falls from 1 at the vertical centre line to 0 at
     ``extent / 2`` of the width from it, both ways (referring "middle" is mostly horizontal).
-    ``near``/``far`` (depth) give no prior.
+    ``near``/``far`` (depth) give no prior. ``floor`` in ``[0, 1)`` lifts the product of the ramps
+    to ``floor + (1 − floor) · ramp``: no region is ruled out (:func:`segment` passes
+    ``prior_floor``, 0.1; here 0, the hard zero).
 
     >>> spatial_prior(["left"], (1, 4), extent=1.0).round(3).tolist()
     [[1.0, 0.667, 0.333, 0.0]]
+    >>> spatial_prior(["left"], (1, 4), extent=1.0, floor=0.1).round(3).tolist()
+    [[1.0, 0.7, 0.4, 0.1]]
     """
+    _check_floor(floor)
     h, w = shape
     u = np.linspace(0.0, 1.0, w)[None, :] if w > 1 else np.zeros((1, 1))
     v = np.linspace(0.0, 1.0, h)[:, None] if h > 1 else np.zeros((1, 1))
@@ -513,7 +580,7 @@ def spatial_prior(directions: Sequence[str], shape: tuple[int, int], extent: flo
     for d in directions:
         if d in ramps:
             prior = prior * np.clip(ramps[d](), 0.0, 1.0)
-    return prior
+    return floor + (1.0 - floor) * prior
 
 
 def _peaks(values: np.ndarray, k: int, exclude: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -629,7 +696,48 @@ def _prompt(parsed: ParsedExpression, backend: _Backend, opts: RefamOptions) -> 
 
 
 def _info(backend: _Backend, parsed: ParsedExpression) -> dict[str, Any]:
-    return {"resolution": backend.side, "parser": parsed.parser, "sinks": [], "sink_layers": []}
+    return {
+        "resolution": backend.side,
+        "parser": parsed.parser,
+        "sinks": [],
+        "sink_layers": [],
+        "spared_sinks": [],
+    }
+
+
+def _sink_columns(
+    select: Any, labels: TokenLabels, n_text: int, text_positions: np.ndarray | None = None
+) -> np.ndarray:
+    """The text columns ``(key_text,)`` bool that the post-hoc sink filter drops.
+
+    ``select`` is a :class:`~attnlens.interventions.TokenSelector` (joint positions, token kinds).
+    None is dropped when the selection would take every text column: a row cannot be renormalised
+    onto nothing.
+    """
+    text = np.arange(n_text) if text_positions is None else np.asarray(text_positions)
+    drop = np.isin(text, list(select.positions))
+    kinds = np.asarray(labels.token_kind, dtype=object)
+    drop |= np.isin(kinds, [k for k in select.kind if k not in ("text", "image")])
+    if "text" in select.kind:
+        drop[:] = True
+    return drop if not drop.all() else np.zeros_like(drop)
+
+
+def _text_share(cross: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
+    """Each row of ``cross`` ``(..., query, key_text)`` as a distribution over its text keys, in place.
+
+    The ``drop`` columns (the post-hoc sink filter's) are zeroed first, so the rows sum to 1 over
+    the text keys that remain. ``cross`` is float; NaN (a key the call did not hold) stays NaN and
+    counts as 0, and rows with no text mass (a layer without text keys) are left as they are.
+
+    >>> _text_share(np.array([[0.1, 0.3, 0.0], [0.2, 0.2, 0.4]]), drop=np.array([False, False, True]))
+    array([[0.25, 0.75, 0.  ],
+           [0.5 , 0.5 , 0.  ]])
+    """
+    if drop is not None and drop.any():
+        cross[..., drop] = 0.0
+    total = np.nansum(cross, axis=-1, keepdims=True)
+    return np.divide(cross, total, out=cross, where=total > 0)
 
 
 def _filter_sinks(
@@ -642,14 +750,8 @@ def _filter_sinks(
     positions; ``text_positions`` ``(key_text,)`` are those of the text tokens (``None``: the text
     comes first, as in FLUX), and token kinds select as in :class:`TokenSelector`.
     """
-    n_text = cross.shape[-1]
-    text = np.arange(n_text) if text_positions is None else np.asarray(text_positions)
-    drop = np.isin(text, list(select.positions))
-    kinds = np.asarray(labels.token_kind, dtype=object)
-    drop |= np.isin(kinds, [k for k in select.kind if k not in ("text", "image")])
-    if "text" in select.kind:
-        drop[:] = True
-    if not drop.any() or drop.all():
+    drop = _sink_columns(select, labels, cross.shape[-1], text_positions)
+    if not drop.any():
         return cross
     moved = cross[..., drop].sum(axis=-1, keepdims=True)
     out = cross.copy()
@@ -683,7 +785,9 @@ def _aggregate(
     aggregate = target.mean(axis=0)
     shape = aggregate.shape[1:]
     prior = (
-        spatial_prior(parsed.directions, shape, opts.prior_extent) if opts.spatial_prior else np.ones(shape)
+        spatial_prior(parsed.directions, shape, opts.prior_extent, floor=opts.prior_floor)
+        if opts.spatial_prior
+        else np.ones(shape)
     )
     heat = aggregate * prior
     lo, hi = float(heat.min()), float(heat.max())

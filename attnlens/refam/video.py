@@ -70,11 +70,12 @@ class RefamVideoResult:
         prompt: the :class:`~attnlens.refam.RefamPrompt` used.
         expression: the :class:`~attnlens.refam.ParsedExpression`.
         options: the :class:`~attnlens.refam.RefamOptions` as a dict.
-        info: what actually ran: ``gas_applied``, ``sinks``, ``sink_layers`` (for an image model
-            run frame by frame: over all frames, and each frame's in ``per_frame``),
-            ``resolution``, ``grid`` (token frames, y, x), ``temporal_compression`` (input frames
-            per latent frame), ``refiner`` (per input frame) and, with a video segmenter,
-            ``prompt_frame`` (the input frame whose points prompted it).
+        info: what actually ran: ``gas_applied``, ``sinks``, ``sink_layers``, ``spared_sinks``
+            (for an image model run frame by frame: over all frames, and each frame's in
+            ``per_frame``), ``resolution``, ``grid`` (token frames, y, x),
+            ``temporal_compression`` (input frames per latent frame), ``refiner`` (per input
+            frame) and, with a video segmenter, ``prompt_frame`` (the input frame whose points
+            prompted it).
     """
 
     masks: np.ndarray
@@ -133,7 +134,7 @@ class _Frames:
         """``(cross (layer, query, key_text), grid (query, 3), layer names, token frame (T,))``."""
         crosses, grids, per_frame = [], [], []
         for i, frame in enumerate(clip):
-            frame_info: dict[str, Any] = {"sinks": [], "sink_layers": []}
+            frame_info: dict[str, Any] = {"sinks": [], "sink_layers": [], "spared_sinks": []}
             cross, grid, names = _attention(self.image, frame, prompt, opts, frame_info)
             grid = grid.copy()
             grid[:, 0] = i
@@ -145,6 +146,7 @@ class _Frames:
         if opts.sinks == "auto":  # found on each frame: their union
             info["sinks"] = sorted({p for f in per_frame for p in f["sinks"]})
             info["sink_layers"] = sorted({n for f in per_frame for n in f["sink_layers"]})
+            info["spared_sinks"] = sorted({p for f in per_frame for p in f["spared_sinks"]})
         else:  # chosen: the same for every frame
             info["sinks"] = per_frame[0]["sinks"]
         info["per_frame"] = per_frame
