@@ -632,42 +632,63 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="results folder: samples.parquet, summary.md, summary.json")
     ev.set_defaults(func=_cmd_eval)
     zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)
-    train = zoo.add_parser("train", help="train (or resume training) an embedded model")
-    train.add_argument("name", choices=["shapes-flux"], help="which model")
-    train.add_argument("--out", required=True, help="folder for checkpoints and the trained weights")
+    train = zoo.add_parser("train", help="train (or resume training) an embedded model by recipe")
+    train.add_argument("recipe", help="a recipe of attnlens.zoo.train.RECIPES, e.g. shape-first")
+    train.add_argument("--out", required=True, help="folder for checkpoints, snapshots, weights")
     train.add_argument("--steps", type=int, default=20_000, help="optimiser steps")
     train.add_argument("--batch", type=int, default=64, help="images per step")
     train.add_argument("--seed", type=int, default=0, help="fixes scenes, text choices, noise and weights")
     train.add_argument("--device", default=None, help="torch device (default: cuda when present)")
     train.set_defaults(func=_cmd_zoo_train)
+    curve = zoo.add_parser("curve", help="measure a training run's snapshots into its curve.json")
+    curve.add_argument("folder", help="a folder written by attnlens zoo train")
+    curve.set_defaults(func=_cmd_zoo_curve)
     card = zoo.add_parser("card", help="measure a trained model against ShapesRef's bars; write its card")
     card.add_argument(
         "folder", help="the trained model's folder (config.json, model.safetensors, train_log.json)"
     )
     card.add_argument("--name", default="shapes-flux", help="the model's name in the card")
+    card.add_argument(
+        "--curves", nargs="*", default=[], metavar="RUN", help="training runs whose curves the card shows"
+    )
     card.set_defaults(func=_cmd_zoo_card)
     return parser
 
 
 def _cmd_zoo_card(args: argparse.Namespace) -> int:
-    """Measure a trained embedded model and write card.md, claims.json and bars.json beside it."""
+    """Measure a trained embedded model and write card.md, claims.json, bars.json and refam.json."""
+    from pathlib import Path
+
     from attnlens.zoo import ShapesPipeline
     from attnlens.zoo.card import bars, measure, write_card
+    from attnlens.zoo.curves import curve
 
-    with console.status("measuring (val, test, generation, sinks)"):
-        m = measure(ShapesPipeline.load(args.folder))
-    _print_frame(bars(m), f"{args.name} against ShapesRef's bars (t = {m.t})")
-    console.print(f"card written to {write_card(args.folder, args.name, m)}")
+    curves = {Path(run).name: curve(run) for run in args.curves}
+    m = measure(ShapesPipeline.load(args.folder), progress=True)
+    _print_frame(bars(m), f"{args.name} against ShapesRef's bars")
+    console.print(f"card written to {write_card(args.folder, args.name, m, curves)}")
+    return 0
+
+
+def _cmd_zoo_curve(args: argparse.Namespace) -> int:
+    """Measure every new snapshot of a training run and print its learning curve."""
+    from attnlens.zoo.curves import curve
+
+    _print_frame(curve(args.folder), f"learning curve of {args.folder} (val)")
     return 0
 
 
 def _cmd_zoo_train(args: argparse.Namespace) -> int:
     """Train an embedded model; an interrupted run resumes from its last checkpoint in --out."""
-    from attnlens.zoo.train import TrainConfig, train
+    from attnlens.errors import InputError
+    from attnlens.zoo.train import recipe, train
 
-    config = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
-    train(args.out, config=config, device=args.device)
-    console.print(f"trained {args.name}: weights and train_log.json in {args.out}")
+    try:
+        model, config = recipe(args.recipe, steps=args.steps, batch=args.batch, seed=args.seed)
+        train(args.out, model, config, device=args.device)
+    except ValueError as exc:  # an unknown recipe, or a checkpoint of another configuration
+        raise InputError(str(exc)) from exc
+    console.print(f"trained {args.recipe}: weights and train_log.json in {args.out}")
     return 0
 
 

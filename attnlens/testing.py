@@ -266,13 +266,12 @@ def tiny_shapes_pipeline(seed: int = 0):
     return ShapesPipeline.untrained(tiny_shapes_config(), seed=seed)
 
 
-def tiny_shapes_config():
-    """The :class:`~attnlens.zoo.ShapesConfig` of :func:`tiny_shapes_pipeline`."""
-    from .datasets.shapesref import VOCAB
+def tiny_shapes_config(world: str = "v1"):
+    """The :class:`~attnlens.zoo.ShapesConfig` of :func:`tiny_shapes_pipeline`, sized for ``world``."""
     from .zoo.shapes import ShapesConfig
 
-    return ShapesConfig(
-        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, vocab_size=len(VOCAB)
+    return ShapesConfig.for_world(
+        world, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16
     )
 
 

@@ -137,27 +137,29 @@ def test_segment_command_reports_bad_input(tmp_path, saved, image, expression, m
 
 
 def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
-    trained = train(
-        tmp_path, TINY, TrainConfig(steps=2, batch=4, checkpoint_every=2, warmup=2), progress=False
-    )
+    tiny = tiny_shapes_config("v2")
+    config = TrainConfig(steps=2, batch=4, checkpoint_every=2, warmup=2, world="v2", snapshot_every=0)
+    trained = train(tmp_path, tiny, config, progress=False)
     m = card.measure(
-        trained,
-        ts=(0.3, 0.7),
-        n_val=6,
-        n_test=8,
-        prompts=4,
-        readout_scenes=100,
-        sink_scenes=2,
-        claim_subset=10,
+        trained, n_val=6, n_test=8, n_heldout=4, prompts=4, sink_scenes=2, claim_subset=10, seeds=(0, 1)
     )
+    assert set(m.options) >= set(card.OPTION_GRID)  # every option was chosen on val
+    assert set(m.selection.option) == set(card.OPTION_GRID) and m.selection.chosen.sum() == len(
+        card.OPTION_GRID
+    )
+    assert set(m.test.variant) >= {"RefAM", "attention only", "union of objects", "colour lookup"}
+    assert (m.test.spread >= 0).all() and set(m.heldout.variant) >= {"RefAM", "colour lookup"}
     bars = card.bars(m)
-    assert list(bars.level) == ["must"] * 3 + ["aim"] * 3 and bars.met.dtype == bool
-    assert not bars.met.any()  # two steps of training meet no bar
-    text = card.write_card(tmp_path, "tiny", m).read_text()
-    assert "## Bars" in text and "Not met:" in text and "union of objects" in text
+    assert list(bars.level) == ["must"] * 4 + ["aim"] * 4 + ["finding"] and bars.met.dtype == bool
+    # two steps of training neither draw nor beat the union of objects
+    assert not bars.met[:3].any() and bars.bar[2].startswith("RefAM mIoU above the union")
+    text = card.write_card(tmp_path, "tiny", m, curves={"words": pd.DataFrame({"step": [2]})}).read_text()
+    for heading in ("## Bars", "Not met:", "union of objects", "colour lookup", "Learning curve: words"):
+        assert heading in text
+    assert json.loads((tmp_path / "refam.json").read_text()) == m.options
     claims = json.loads((tmp_path / "claims.json").read_text())
-    assert claims["t"] == m.t and claims["subset"] == 10
-    again = card.claims(ShapesPipeline.load(tmp_path), m.t, n=10)
+    assert claims["t"] == m.options["t"] and claims["subset"] == 10
+    again = card.claims(ShapesPipeline.load(tmp_path), claims["t"], n=10)
     for name, value in claims["figures"].items():  # the saved weights reproduce the claimed figures
         assert again[name] == pytest.approx(value, abs=claims["tolerance"])
 

@@ -87,19 +87,26 @@ def test_frozen_splits_are_reproducible_and_randomly_accessible():
     assert sum(1 for _ in split("train", n=5)) == 5  # train is endless: take what you need
 
 
-def test_masks_are_exact_and_objects_do_not_overlap():
-    for scene in split("train", n=60):
+@pytest.mark.parametrize("world", ["v1", "v2", "v2-mono"])
+def test_masks_are_exact_and_objects_do_not_overlap(world):
+    w = sr.world_of(world)
+    side = w.image_size
+    for scene in split("train", n=60, world=world):
         image, masks = scene.image.astype(int), scene.masks
-        assert image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
-        assert masks.shape == (len(scene.objects), 64, 64) and masks.dtype == bool
+        assert image.shape == (side, side, 3) and scene.image.dtype == np.uint8
+        assert masks.shape == (len(scene.objects), side, side) and masks.dtype == bool
+        assert 1 <= len(scene.objects) <= w.max_objects
         assert masks.sum(axis=0).max() <= 1  # no pixel belongs to two objects
         for obj, mask in zip(scene.objects, masks, strict=True):
-            assert mask.any() and (image[mask] == COLOURS[obj.colour]).all()
+            assert obj.shape in w.shapes and obj.colour in w.colours
+            assert mask.any() and (image[mask] == w.rgb(obj.colour)).all()
             x0, y0, x1, y1 = obj.box()
-            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert 0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side
             assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any()
-            if obj.size == "large":  # shape visible at 4x4 patches: spans at least 5 patches
-                cols = np.flatnonzero(mask.any(axis=0))
+            cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+            # every object spans 10 pixels or more each way: it reaches into at least 3 × 3 4-pixel tokens
+            assert obj.extent >= 12 and cols[-1] - cols[0] + 1 >= 10 and rows[-1] - rows[0] + 1 >= 10
+            if world == "v1" and obj.size == "large":  # spans at least 5 of its 4x4 patches
                 assert cols[-1] - cols[0] + 1 >= 20
         outside = image[~masks.any(axis=0)]
         diff = np.abs(outside - np.array(BACKGROUNDS[scene.background]))
@@ -109,8 +116,9 @@ def test_masks_are_exact_and_objects_do_not_overlap():
             assert not (outside == rgb).all(axis=1).any()
 
 
-def test_every_test_expression_resolves_to_exactly_its_target():
-    pairs = list(expressions("test"))
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_every_test_expression_resolves_to_exactly_its_target(world):
+    pairs = list(expressions("test", world=world))
     assert len(pairs) == 400
     for scene, e in pairs:
         assert resolve(e.text, scene.objects, scene.masks[None]) == [e.target], e.text
@@ -125,14 +133,31 @@ def test_every_test_expression_resolves_to_exactly_its_target():
             assert sum(o.shape == e.head_noun for o in scene.objects) >= 2
 
 
-def test_colour_alone_does_not_solve_the_test_split():
-    pairs = list(expressions("test"))
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_colour_alone_does_not_solve_the_test_split(world):
+    pairs = list(expressions("test", world=world))
     share = np.mean([e.has_same_colour_distractor for _, e in pairs])
     assert share >= 0.4
     assert {e.kind for _, e in pairs} == {"colour_shape", "shape", "size", "position"}
     # the knob controls it
-    scenes = [make_scene(np.random.default_rng(i), p_same_colour=0.0) for i in range(30)]
+    scenes = [make_scene(np.random.default_rng(i), p_same_colour=0.0, world=world) for i in range(30)]
     assert not any(e.has_same_colour_distractor for s in scenes for e in s.expressions)
+
+
+def test_each_world_has_its_own_frozen_splits():
+    v1, v2 = next(split("test", world="v1")), next(split("test", world="v2"))
+    assert (v1.image.shape, v2.image.shape) == ((64, 64, 3), (32, 32, 3))
+    again = next(split("test", world=sr.world_of("v2")))  # a World or its name: the same split
+    assert np.array_equal(v2.image, again.image) and v2.caption == again.caption
+    assert len(list(expressions("test", world="v2"))) == 400
+
+
+def test_the_monochrome_world_never_names_a_colour():
+    for scene in split("train", n=40, world="v2-mono"):
+        named = set(words(scene.caption)) | {w for e in scene.expressions for w in words(e.text)}
+        assert not named & set(COLOURS)
+        assert all(e.kind != "colour_shape" for e in scene.expressions)
+        assert scene.background in ("grey", "black")  # never the white the objects are drawn in
 
 
 def test_tokenizer_round_trip_without_unknown_words():
@@ -195,6 +220,9 @@ def test_video_expressions_hold_in_every_frame():
         (lambda: make_video(np.random.default_rng(0), n_frames=1), "n_frames"),
         (lambda: make_video(np.random.default_rng(0), max_speed=0), "max_speed"),
         (lambda: split("dev"), "unknown split"),
+        (lambda: split("test", world="v3"), "unknown ShapesRef world 'v3'"),
+        (lambda: make_scene(np.random.default_rng(0), world="v2", n_objects=4), "n_objects"),
+        (lambda: sr.world_of("v2", {"shapes": ("circle", "hexagon")}), "shapes must be"),
         (lambda: expressions("test", n=401), "holds 400"),
         (lambda: build_tokenizer(max_length=1), "max_length"),
     ],

@@ -13,11 +13,13 @@ import attnlens
 from attnlens.datasets import shapesref
 from attnlens.errors import UnsupportedModelError
 from attnlens.testing import tiny_shapes_config
+from attnlens.zoo.curves import curve
 from attnlens.zoo.evaluate import grounding, otsu, summarise
 from attnlens.zoo.shapes import ShapesPipeline
-from attnlens.zoo.train import TrainConfig, train
+from attnlens.zoo.train import TrainConfig, batch_at, recipe, train
 
 TINY = tiny_shapes_config()
+TINY_V2 = tiny_shapes_config("v2")
 FAST = TrainConfig(steps=4, batch=4, checkpoint_every=2, warmup=2)
 
 
@@ -63,6 +65,60 @@ def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
         )
 
 
+def test_a_curriculum_leaves_its_first_world_once_the_gate_reads_true(tmp_path):
+    # gate 0: the first reading passes it; from then on a quarter of each batch stays monochrome
+    config = TrainConfig(
+        steps=4, batch=8, checkpoint_every=2, warmup=2, world="v2", first_world="v2-mono",
+        gate=0.0, gate_every=2, p_first=0.25, snapshot_every=2,
+    )  # fmt: skip
+    whole = train(tmp_path / "whole", TINY_V2, config, progress=False)
+    log = json.loads((tmp_path / "whole" / "train_log.json").read_text())
+    assert log["gate_step"] == 2 and [g[0] for g in log["gates"]] == [2]
+    assert [r["end_step"] for r in log["runs"]] == [4] and log["runs"][0]["hardware"]
+    _, before = batch_at(1, config, whole, first_share=1.0)
+    _, after = batch_at(3, config, whole, first_share=0.25)
+    colours = set(shapesref.COLOURS)
+    assert not any(set(p.split()) & colours for p in before)  # monochrome: no colour words
+    assert any(set(p.split()) & colours for p in after)
+    # interrupted before the gate, resumed: the same gate step and the same weights
+    train(tmp_path / "split", TINY_V2, TrainConfig(**{**config.__dict__, "steps": 1}), progress=False)
+    resumed = train(tmp_path / "split", TINY_V2, config, progress=False)
+    for a, b in zip(whole.transformer.parameters(), resumed.transformer.parameters(), strict=True):
+        assert torch.equal(a, b)
+    log = json.loads((tmp_path / "split" / "train_log.json").read_text())
+    assert log["gate_step"] == 2 and [(r["start_step"], r["end_step"]) for r in log["runs"]] == [
+        (0, 1),
+        (1, 4),
+    ]
+    assert sorted(p.name for p in (tmp_path / "split" / "snapshots").iterdir()) == ["0000002", "0000004"]
+
+
+def test_recipes_size_the_model_for_their_world():
+    model, config = recipe("shape-first", steps=7)
+    assert (model.world, model.image_size, model.patch, config.first_world) == ("v2", 32, 4, "v2-mono")
+    assert recipe("words")[1].first_world is None
+    with pytest.raises(ValueError, match="unknown recipe 'colour-first'"):
+        recipe("colour-first")
+    with pytest.raises(ValueError, match="image_size must be 32"):
+        type(model)(world="v2")  # v1's 64-pixel default does not fit the v2 world
+
+
+def test_a_learning_curve_measures_each_snapshot_once(tmp_path):
+    config = TrainConfig(steps=4, batch=4, checkpoint_every=2, warmup=2, world="v2", snapshot_every=2)
+    train(tmp_path, TINY_V2, config, progress=False)
+    first = curve(tmp_path, progress=False, n_val=6, prompts=4, sink_scenes=2)
+    assert list(first.step) == [2, 4] and list(first.images) == [8, 16]
+    for column in ("shape", "colour", "RefAM", "attention only", "union of objects", "largest GAS share"):
+        assert first[column].between(0, 1).all(), column
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert [row["step"] for row in saved] == [2, 4]
+    (tmp_path / "curve.json").write_text(json.dumps(saved[:1]))  # as if interrupted after one point
+    again = curve(tmp_path, progress=False, n_val=6, prompts=4, sink_scenes=2)
+    assert again.equals(first)
+    with pytest.raises(FileNotFoundError, match="no snapshot"):
+        curve(tmp_path / "snapshots", progress=False)
+
+
 def test_word_maps_are_captured_and_scored_against_baselines():
     pipe = ShapesPipeline.untrained(TINY)
     run = grounding(pipe, shapesref.expressions("test", 6), t=0.5)
@@ -99,12 +155,13 @@ def test_capture_labels_the_embedded_pipeline_words():
 def test_zoo_train_command_trains_and_resumes(tmp_path):
     from attnlens.cli import main
 
-    args = ["zoo", "train", "shapes-flux", "--out", str(tmp_path), "--steps", "1", "--batch", "2"]
+    args = ["zoo", "train", "words", "--out", str(tmp_path), "--steps", "1", "--batch", "2"]
     assert main(args) == 0
     assert json.loads((tmp_path / "train_log.json").read_text())["steps"] == 1
     assert main([*args[:-4], "--steps", "2", "--batch", "2"]) == 0  # resumes from the checkpoint
     assert json.loads((tmp_path / "train_log.json").read_text())["images_seen"] == 4
     assert ShapesPipeline.load(tmp_path).config.num_layers == 3
+    assert main(["zoo", "train", "colour-first", "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
 
 
 # -- the shipped model -------------------------------------------------------------------------------

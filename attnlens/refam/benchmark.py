@@ -71,6 +71,7 @@ def evaluate(
     """
     pairs = list(pairs)
     variants = VARIANTS if variants is None else variants
+    model, patch = _resolved(model)
     rows = []
     bar = tqdm(total=len(pairs) * len(variants), desc="RefAM", disable=not progress)
     for i, (scene, e) in enumerate(pairs):
@@ -82,7 +83,7 @@ def evaluate(
             rows.append(_row(name, i, e, result.mask, target, pointing=float(target[peak])))
             bar.update()
     bar.close()
-    for name, masks in shapesref.baselines(pairs).items():
+    for name, masks in shapesref.baselines(pairs, patch).items():
         for i, ((s, e), mask) in enumerate(zip(pairs, masks, strict=True)):
             rows.append(_row(name, i, e, mask, s.masks[e.target]))
     return pd.DataFrame(rows)
@@ -132,6 +133,7 @@ def video_scores(
     """
     pairs = list(pairs)
     variants = variants or {k: VARIANTS[k] for k in ("RefAM", "attention only", "attention only, head noun")}
+    model, patch = _resolved(model)
     scores: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     bar = tqdm(total=len(pairs) * len(variants), desc="RefAM video", disable=not progress)
     for video, e in pairs:
@@ -145,11 +147,21 @@ def video_scores(
     bar.close()
     for video, e in pairs:
         frames = [(_frame(video, t), e) for t in range(len(video.frames))]
-        for name, masks in shapesref.baselines(frames).items():
+        for name, masks in shapesref.baselines(frames, patch).items():
             scores.setdefault(name, []).append(j_and_f(masks, video.masks[:, e.target]))
     return pd.DataFrame(
         [{"variant": name, "n": len(s), **pd.DataFrame(s).mean().to_dict()} for name, s in scores.items()]
     )
+
+
+def _resolved(model: Any) -> tuple[Any, int]:
+    """A zoo name loaded once (not once per expression), and the pixels per token of the
+    token-grid ceiling baseline (the embedded model's patch; 8 for other models)."""
+    if isinstance(model, str):
+        from .. import zoo
+
+        model = zoo.load(model)
+    return model, getattr(getattr(model, "config", None), "patch", 8)
 
 
 def _frame(v: shapesref.Video, t: int) -> shapesref.Scene:

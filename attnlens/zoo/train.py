@@ -134,10 +134,11 @@ def train(
 ) -> ShapesPipeline:
     """Train (or resume training) a ShapesRef model and save it to ``out``.
 
-    ``out`` receives ``checkpoint.pt`` every ``checkpoint_every`` steps (weights, EMA, optimiser
-    state, the curriculum's gate readings, and one entry per run: steps, images, wall time,
-    hardware), EMA snapshots under ``snapshots/``, and at the end the EMA weights as
-    ``config.json`` + ``model.safetensors`` plus ``train_log.json``.
+    ``out`` receives ``run.json`` (both configurations), ``checkpoint.pt`` every
+    ``checkpoint_every`` steps (weights, EMA, optimiser state, the curriculum's gate readings, and
+    one entry per run: steps, images, wall time, hardware), EMA snapshots under ``snapshots/``,
+    and at the end the EMA weights as ``config.json`` + ``model.safetensors`` plus
+    ``train_log.json``.
 
     Returns:
         the trained pipeline (EMA weights).
@@ -149,6 +150,8 @@ def train(
     if model.world != config.world:
         raise ValueError(f"the model is sized for world {model.world!r} but trains on {config.world!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = {"model_config": asdict(model), "train_config": asdict(config)}
+    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     pipe = ShapesPipeline.untrained(model, seed=config.seed).to(device)
     params = [p for m in pipe.modules() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
