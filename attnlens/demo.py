@@ -27,9 +27,10 @@ from .analysis import find_sinks, mass_by_kind, plot_sinks, ratio_by_token, sink
 from .capture import capture
 from .datasets import shapesref
 from .refam import segment
-from .refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise
+from .refam.benchmark import VARIANTS, evaluate, summarise
 from .store import open_store
 from .viz.report import Report
+from .zoo.card import model_options
 
 __all__ = ["DemoResult", "run", "token_mass"]
 
@@ -81,7 +82,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     pipe = zoo.load(model) if isinstance(model, str) else model
     name = model if isinstance(model, str) else "a ShapesPipeline"
-    chosen = list(shapesref.split("test", n=scenes))
+    chosen = list(shapesref.split("test", n=scenes, world=pipe.world))
+    options = model_options(pipe)
     store = out / "store.zarr"
     if store.exists():
         shutil.rmtree(store)
@@ -99,10 +101,13 @@ def run(
     sink_table = sinks_by_layer(sinks, ds)
 
     pairs = [(scene, e) for scene in chosen for e in scene.expressions]
-    rows = evaluate(pipe, pairs, DEMO_VARIANTS, progress=progress, **SHAPESREF_OPTIONS)
+    rows = evaluate(pipe, pairs, DEMO_VARIANTS, progress=progress, **options)
     table = summarise(rows, subsets=False)
 
     report = Report(f"attnlens demo: {name}")
+    if isinstance(model, str):
+        report.heading(f"What {name} is measured to do (its model card's bars)")
+        report.table(zoo.bars(name), notes=BAR_NOTES)
     report.text(
         f"{len(chosen)} ShapesRef test captions drawn in {steps} steps with cross and key_mass captured "
         f"into {store.name}; {len(pairs)} referring expressions segmented by attention. Averages over "
@@ -119,13 +124,13 @@ def run(
     report.heading("Referring segmentation by attention")
     report.table(table, notes=SEGMENTATION_NOTES)
     report.text(
-        "RefAM: the noun phrase's attention (t = 0.3) with appended magnets, GAS handling, the spatial "
-        "prior and the threshold refiner; attention only: the head noun's raw head-mean map, "
-        "Otsu-thresholded. "
+        f"RefAM with the options chosen for this model on val ({_describe(options)}): appended magnets, "
+        "GAS handling, the spatial prior and the threshold refiner; attention only: the head noun's raw "
+        "head-mean map, Otsu-thresholded. "
         "The baselines need no model; colour lookup reads the named colour off the clean image.",
         note=True,
     )
-    _gallery(report, pipe, pairs, gallery)
+    _gallery(report, pipe, pairs, gallery, options)
     path = report.save(out / "report.html")
     return DemoResult(store=store, report=path, token_mass=mass, sinks=sink_table, segmentation=table)
 
@@ -168,6 +173,13 @@ TOKEN_MASS_NOTES = {
     "across the captions",
     "its r": "its sink ratio r = N·α: the attention it receives over what uniform attention would give (1)",
 }
+BAR_NOTES = {
+    "level": "must: what the model has to meet; aim: what it strives for; finding: reported either way",
+    "bar": "what is measured, on ShapesRef's test split unless it says otherwise",
+    "measured": "the figure measured for the card",
+    "required": "what meets the bar",
+    "met": "whether the measured figure meets it",
+}
 SINK_NOTES = {
     "layer": "transformer layer",
     "layer_kind": "double-stream or single-stream block",
@@ -189,14 +201,18 @@ SEGMENTATION_NOTES = {
 }
 
 
-def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list, count: int) -> None:
+def _describe(options: dict) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in options.items())
+
+
+def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list, count: int, options: dict) -> None:
     # round robin over the scenes, so that a short gallery still shows every scene
     order = sorted(range(len(pairs)), key=lambda i: ([p[0] for p in pairs[:i]].count(pairs[i][0]), i))
     shown = [pairs[i] for i in order[:count]]
     report.heading(f"Expressions: {len(shown)} of {len(pairs)}, one per scene in turn")
     rows = []
     for scene, e in shown:
-        result = segment(scene.image, e.text, model=pipe, **SHAPESREF_OPTIONS)
+        result = segment(scene.image, e.text, model=pipe, **options)
         images = [scene.image, result.heatmap, result.mask.astype(np.float32), scene.masks[e.target]]
         rows.append((e.text, [np.asarray(a, dtype=np.float32) if a.dtype == bool else a for a in images]))
     report.gallery(["image", "RefAM heatmap", "RefAM mask", "true mask"], rows)

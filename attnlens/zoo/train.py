@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -46,7 +47,9 @@ class TrainConfig:
         p_expression: share of images conditioned on one of their referring expressions
             instead of their caption.
         p_empty: share conditioned on the empty prompt (for classifier-free guidance).
-        ema: decay of the exponential moving average whose weights are saved.
+        ema: decay of the exponential moving average whose weights are saved; at step ``s`` the
+            decay is ``min(ema, (1 + s) / (10 + s))``, so that early snapshots are not dominated by
+            the random initialisation (0.999 alone keeps 45 % of it after 800 steps).
         checkpoint_every: steps between checkpoints.
         seed: fixes scenes, text choices, noise and initialisation.
         world: the :data:`~attnlens.datasets.shapesref.WORLDS` name trained on.
@@ -205,10 +208,11 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        decay = min(config.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for m, e in zip(pipe.modules(), ema, strict=True):
                 for p, q in zip(m.parameters(), e.parameters(), strict=True):
-                    q.lerp_(p, 1 - config.ema)
+                    q.lerp_(p, 1 - decay)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}")
         if step % 10 == 0:
@@ -264,7 +268,11 @@ def _gate_reading(pipe: ShapesPipeline, world: str) -> float:
 def _hardware(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
 
 
 def _save_checkpoint(path, pipe, ema, optimizer, model, config, state) -> None:
