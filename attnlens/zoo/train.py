@@ -80,12 +80,16 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "words": {"train": {"world": "v2"}},
     "shape-first": {"train": {"world": "v2", "first_world": "v2-mono"}},
+    "minilm": {"model": {"text_encoder": "minilm"}, "train": {"world": "v2"}},
 }
 """Recipe name → ``{"model": ShapesConfig fields, "train": TrainConfig fields}`` (defaults elsewhere).
 
 - ``words``: the v2 world from the first step; a learned word table, pooled input zero.
 - ``shape-first``: monochrome shapes with colour-free captions until generated shapes are read
   back at 0.8, then the v2 world with a quarter of monochrome scenes kept.
+- ``minilm``: the v2 world read through a frozen pretrained text encoder (all-MiniLM-L6-v2, the
+  ``minilm`` extra), as FLUX reads T5: real contextual embeddings of stop words, punctuation and
+  ``[CLS]``/``[SEP]``.
 """
 
 
@@ -164,8 +168,9 @@ def train(
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         # steps may change between runs (train longer, or stop early): the schedule does not depend on it
-        same = {**saved["train_config"], "steps": config.steps} == asdict(config)
-        if saved["model_config"] != asdict(model) or not same:
+        # fields added since the checkpoint was written take their defaults
+        same = asdict(TrainConfig(**{**saved["train_config"], "steps": config.steps})) == asdict(config)
+        if asdict(ShapesConfig(**saved["model_config"])) != asdict(model) or not same:
             raise ValueError(f"{checkpoint} was written with another configuration; use a new --out folder")
         for m, s in zip(pipe.modules(), saved["modules"], strict=True):
             m.load_state_dict(s)
