@@ -111,7 +111,8 @@ def model_options(pipe: ShapesPipeline) -> dict[str, Any]:
 
 def claims(pipe: ShapesPipeline, t: float, n: int = CLAIM_SUBSET) -> dict[str, float]:
     """The figures of ``pipe`` on the first ``n`` test expressions of its world: word maps at noise
-    level ``t``, and the mIoU of RefAM (with :func:`model_options`) and of the head noun's raw map."""
+    level ``t``, and the mIoU of RefAM (with :func:`model_options`; also on the same-colour-distractor
+    expressions) and of the head noun's raw map."""
     from ..refam.benchmark import VARIANTS, evaluate
 
     pairs = list(shapesref.expressions("test", n, world=pipe.world))
@@ -119,8 +120,10 @@ def claims(pipe: ShapesPipeline, t: float, n: int = CLAIM_SUBSET) -> dict[str, f
     chosen = {k: VARIANTS[k] for k in ("RefAM", "attention only, head noun")}
     rows = evaluate(pipe, pairs, chosen, progress=False, **model_options(pipe))
     refam = rows.groupby("variant").iou.mean()
+    distractor = rows[(rows.variant == "RefAM") & rows.same_colour_distractor].iou.mean()
     return {
         "RefAM mIoU": float(refam["RefAM"]),
+        "RefAM mIoU, same-colour distractor": float(distractor),
         "head-noun attention-only mIoU": float(refam["attention only, head noun"]),
         "phrase mIoU": _pick(table, "model", "phrase", "all", "mIoU"),
         "colour pointing, colour unique": _pick(table, "model", "colour", "colour unique", "pointing"),
