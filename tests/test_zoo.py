@@ -45,6 +45,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert np.array_equal(pipe("a red circle", 2, generator=g[0]), again("a red circle", 2, generator=g[1]))
 
 
+def test_segment_starts_from_the_options_chosen_for_the_model(tmp_path):
+    from attnlens.refam import segment
+
+    ShapesPipeline.untrained(TINY).save(tmp_path)
+    (tmp_path / "refam.json").write_text(json.dumps({"t": 0.7, "text_share": True}))
+    pipe = ShapesPipeline.load(tmp_path)
+    assert pipe.refam_options == {"t": 0.7, "text_share": True}
+    image = next(shapesref.split("test")).image
+    chosen = segment(image, "the red circle", model=pipe)
+    assert chosen.options["t"] == 0.7 and chosen.options["text_share"]
+    assert segment(image, "the red circle", model=pipe, t=0.3).options["t"] == 0.3  # the caller's wins
+
+
 def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
     whole = train(tmp_path / "whole", TINY, FAST, device="cpu", progress=False)
     train(

@@ -378,10 +378,7 @@ def _backend(model: Any, options: RefamOptions) -> _Backend:
     """The embedded ShapesPipeline, or a diffusers pipeline of any family whose adapter encodes images."""
     from ..zoo.shapes import ShapesPipeline
 
-    if isinstance(model, str):
-        from .. import zoo
-
-        model = zoo.load(model)
+    model = _loaded(model)
     if isinstance(model, ShapesPipeline):
         return _ShapesBackend(model, options)
     if not isinstance(getattr(model, "transformer", None), torch.nn.Module):
@@ -633,7 +630,8 @@ def segment(
         segmenter: ``None`` (threshold refiner), a ``(SamModel, SamProcessor)`` or ``(Sam2Model,
             Sam2Processor)`` pair from ``transformers``, or a callable ``(image (H, W, 3) uint8,
             points (n, 2) xy, labels (n,)) -> (H, W) bool``.
-        **options: fields of :class:`RefamOptions`.
+        **options: fields of :class:`RefamOptions`, over the options chosen for an embedded model
+            (its ``refam_options``) and the defaults.
 
     Returns:
         a :class:`RefamResult`; ``mask`` and ``heatmap`` are ``(H, W)``, the input's size.
@@ -643,7 +641,8 @@ def segment(
         SegmenterMismatchError: the segmenter is not usable, or returned a mask of another size.
         UnsupportedModelError: the model is none of the above (or the zoo name is not shipped).
     """
-    opts = _options(options)
+    model = _loaded(model)
+    opts = _options(options, model)
     parsed = parse(expression, parser=opts.parser)
     segment_fn = image_segmenter(segmenter)
     rgb = _as_rgb(image)
@@ -672,13 +671,23 @@ def segment(
     )
 
 
-def _options(options: dict[str, Any]) -> RefamOptions:
-    """``**options`` of :func:`segment` as :class:`RefamOptions` (unknown names are a ``TypeError``)."""
+def _loaded(model: Any) -> Any:
+    """A zoo name's model, loaded; any other model as it is."""
+    if isinstance(model, str):
+        from .. import zoo
+
+        return zoo.load(model)
+    return model
+
+
+def _options(options: dict[str, Any], model: Any = None) -> RefamOptions:
+    """``**options`` of :func:`segment` over the model's own ``refam_options`` as
+    :class:`RefamOptions` (unknown names are a ``TypeError``)."""
     fields = {f.name for f in dataclasses.fields(RefamOptions)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(f"unknown RefAM option(s) {unknown}; options: {', '.join(sorted(fields))}")
-    return RefamOptions(**options)
+    return RefamOptions(**{**getattr(model, "refam_options", {}), **options})
 
 
 def _prompt(parsed: ParsedExpression, backend: _Backend, opts: RefamOptions) -> RefamPrompt:

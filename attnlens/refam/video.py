@@ -41,6 +41,7 @@ from .image import (
     _Backend,
     _heat,
     _info,
+    _loaded,
     _options,
     _PipelineBackend,
     _points,
@@ -215,7 +216,8 @@ def segment_video(
         SegmenterMismatchError: the segmenter is not usable, or returned masks of another size.
         UnsupportedModelError: the model is none of the above.
     """
-    opts = _options(options)
+    model = _loaded(model)
+    opts = _options(options, model)
     parsed = parse(expression, parser=opts.parser)
     per_frame, propagate = video_segmenter(segmenter)
     clip = _as_clip(frames)

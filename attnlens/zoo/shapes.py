@@ -150,6 +150,8 @@ class ShapesPipeline:
             :class:`~attnlens.zoo.text_encoders.FrozenTextEncoder` (``"minilm"``).
         tokenizer: the ShapesRef word-level tokenizer, or the frozen encoder's WordPiece one.
         config: the :class:`ShapesConfig`.
+        refam_options: RefAM's options chosen for this model on val (its ``refam.json``, written
+            by its model card); :func:`attnlens.refam.segment` starts from them.
     """
 
     def __init__(self, transformer: nn.Module, text_encoder: nn.Module, tokenizer: Any, config: ShapesConfig):
@@ -157,6 +159,7 @@ class ShapesPipeline:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.config = config
+        self.refam_options: dict[str, Any] = {}
 
     # -- construction ------------------------------------------------------------------------
 
@@ -191,7 +194,8 @@ class ShapesPipeline:
 
     @classmethod
     def load(cls, folder: str | Path, text_encoder_folder: str | Path | None = None) -> ShapesPipeline:
-        """Load ``config.json`` and ``model.safetensors`` from ``folder``.
+        """Load ``config.json``, ``model.safetensors`` and, where the card wrote one, ``refam.json``
+        from ``folder``.
 
         A frozen text encoder is not in ``model.safetensors``: it is rebuilt from its package (or
         ``text_encoder_folder``), as :meth:`untrained` does.
@@ -205,6 +209,8 @@ class ShapesPipeline:
         pipe.transformer.load_state_dict(_strip(state, "transformer."))
         if pipe._trains_text_encoder:
             pipe.text_encoder.load_state_dict(_strip(state, "text_encoder."))
+        if (folder / "refam.json").exists():
+            pipe.refam_options = json.loads((folder / "refam.json").read_text())
         return pipe.eval()
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
