@@ -141,8 +141,9 @@ def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
     config = TrainConfig(steps=2, batch=4, checkpoint_every=2, warmup=2, world="v2", snapshot_every=0)
     trained = train(tmp_path, tiny, config, progress=False)
     m = card.measure(
-        trained, n_val=6, n_test=8, n_heldout=4, prompts=4, sink_scenes=2, claim_subset=10, seeds=(0, 1)
-    )
+        trained, n_val=6, n_test=8, n_heldout=4, n_video=2, prompts=4, sink_scenes=2, claim_subset=10,
+        seeds=(0, 1),
+    )  # fmt: skip
     assert set(m.options) >= set(card.OPTION_GRID)  # every option was chosen on val
     assert set(m.selection.option) == set(card.OPTION_GRID) and m.selection.chosen.sum() == len(
         card.OPTION_GRID
@@ -154,7 +155,8 @@ def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
     # two steps of training neither draw nor beat the union of objects
     assert not bars.met[:3].any() and bars.bar[2].startswith("RefAM mIoU above the union")
     text = card.write_card(tmp_path, "tiny", m, curves={"words": pd.DataFrame({"step": [2]})}).read_text()
-    for heading in ("## Bars", "Not met:", "union of objects", "colour lookup", "Learning curve: words"):
+    assert set(m.video.variant) >= {"RefAM", "union of objects"} and m.video["J&F"].between(0, 1).all()
+    for heading in ("## Bars", "Not met:", "colour lookup", "frame by frame", "Learning curve: words"):
         assert heading in text
     assert json.loads((tmp_path / "refam.json").read_text()) == m.options
     claims = json.loads((tmp_path / "claims.json").read_text())

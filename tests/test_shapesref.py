@@ -204,9 +204,11 @@ def test_video_objects_move_rigidly_without_overlap():
     )
 
 
-def test_video_expressions_hold_in_every_frame():
-    for video, e in expressions("test", n=150, video=True):
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_video_expressions_hold_in_every_frame(world):
+    for video, e in expressions("test", n=150, video=True, world=world):
         assert resolve(e.text, video.objects, video.masks) == [e.target], e.text
+        assert video.masks.shape[1] <= sr.world_of(world).max_video_objects
 
 
 @pytest.mark.parametrize(
@@ -222,6 +224,7 @@ def test_video_expressions_hold_in_every_frame():
         (lambda: split("dev"), "unknown split"),
         (lambda: split("test", world="v3"), "unknown ShapesRef world 'v3'"),
         (lambda: make_scene(np.random.default_rng(0), world="v2", n_objects=4), "n_objects"),
+        (lambda: make_video(np.random.default_rng(0), world="v2", n_objects=3), "n_objects"),
         (lambda: sr.world_of("v2", {"shapes": ("circle", "hexagon")}), "shapes must be"),
         (lambda: expressions("test", n=401), "holds 400"),
         (lambda: build_tokenizer(max_length=1), "max_length"),

@@ -137,6 +137,8 @@ class World:
         p_texture: chance of a speckled rather than plain background.
         monochrome: every object is drawn in :data:`MONO_RGB` and no caption or expression names
             an object colour.
+        max_speed: the largest ``|dx|`` and ``|dy|`` of a video's objects, in pixels per frame.
+        max_video_objects: videos hold 1 to this many objects (moving objects need room).
         seed: mixed into every split's seeds, so that each world has its own frozen splits.
 
     Examples:
@@ -158,6 +160,8 @@ class World:
     p_same_shape: float = 0.4
     p_texture: float = 0.5
     monochrome: bool = False
+    max_speed: int = 3
+    max_video_objects: int = 4
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -197,6 +201,8 @@ _V2 = World(
     colours=("red", "green", "blue", "yellow"),
     max_objects=3,
     p_same_colour=0.6,
+    max_speed=1,
+    max_video_objects=2,
     seed=2,
 )
 WORLDS: dict[str, World] = {
@@ -356,7 +362,7 @@ def make_video(
     rng: np.random.Generator,
     *,
     n_frames: int = 4,
-    max_speed: int = 3,
+    max_speed: int | None = None,
     n_objects: int | None = None,
     world: World | str = "v1",
     **overrides: object,
@@ -367,7 +373,8 @@ def make_video(
 
     Args:
         n_frames: number of frames (at least 2).
-        max_speed: largest ``|dx|`` and ``|dy|`` in pixels per frame (at least 1); no object stands still.
+        max_speed: largest ``|dx|`` and ``|dy|`` in pixels per frame (at least 1; ``None``: the
+            world's); no object stands still.
 
     Examples:
         >>> video = make_video(np.random.default_rng(0), n_objects=2)
@@ -377,8 +384,10 @@ def make_video(
         [(-3, -2), (3, 0)]
     """
     _check_int("n_frames", n_frames, 2)
-    _check_int("max_speed", max_speed, 1)
     w = world_of(world, overrides)
+    max_speed = w.max_speed if max_speed is None else max_speed
+    _check_int("max_speed", max_speed, 1)
+    w = replace(w, max_objects=min(w.max_objects, w.max_video_objects))
     objects, background, texture = _sample(rng, n_objects, w, n_frames, max_speed)
     drawn = [_render(objects, background, texture, w, frame=t) for t in range(n_frames)]
     frames = np.stack([image for image, _ in drawn])

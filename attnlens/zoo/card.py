@@ -14,7 +14,9 @@ Everything is measured on the model's own world (:attr:`ShapesPipeline.world`):
    shares its colour;
 5. generation: one-object prompts drawn, a readout trained on real scenes reads them back, for
    the trained and an untrained model;
-6. sinks while drawing; and the claims, a small frozen subset the test suite measures again.
+6. video: RefAM on the world's video test split, the image model run frame by frame (J&F), beside
+   the baselines drawn frame by frame (no video model is trained on ShapesRef);
+7. sinks while drawing; and the claims, a small frozen subset the test suite measures again.
 
 ``write_card`` writes ``card.md``, ``bars.json``, ``claims.json`` and ``refam.json`` (the chosen
 options, which :func:`attnlens.refam.segment` starts from when given this model).
@@ -86,6 +88,7 @@ class Measurements:
         maps: :func:`~attnlens.zoo.evaluate.summarise` of the raw word maps on test.
         generation: read-back rates of the trained and an untrained model, and the readout's own
             accuracy on real scenes.
+        video: :func:`~attnlens.refam.benchmark.video_scores` on video test expressions.
         sinks: :func:`~attnlens.zoo.curves.sinks_while_drawing`.
         claims: :func:`claims` of the trained model, and the ``subset`` size they were measured on.
         seeds: the noise seeds of the test measurements.
@@ -97,6 +100,7 @@ class Measurements:
     heldout: pd.DataFrame
     maps: pd.DataFrame
     generation: dict[str, float]
+    video: pd.DataFrame
     sinks: pd.DataFrame
     claims: dict[str, Any]
     seeds: tuple[int, ...] = SEEDS
@@ -194,6 +198,7 @@ def measure(
     n_val: int = 200,
     n_test: int = 400,
     n_heldout: int = 200,
+    n_video: int = 50,
     prompts: int = 120,
     sink_scenes: int = 16,
     claim_subset: int = CLAIM_SUBSET,
@@ -202,7 +207,7 @@ def measure(
 ) -> Measurements:
     """Run every measurement of the card (the module docstring lists them; a quarter of an hour
     on 2 CPU cores for a 32-pixel model)."""
-    from ..refam.benchmark import VARIANTS
+    from ..refam.benchmark import VARIANTS, video_scores
 
     world = pipe.world
     val = list(shapesref.expressions("val", n_val, world=world))
@@ -216,6 +221,8 @@ def measure(
     readout, accuracy = train_readout(world=world)
     drawn = generation(pipe, readout, n=prompts)
     blind = generation(untrained, readout, n=prompts)
+    clips = list(shapesref.expressions("test", n_video, video=True, world=world))
+    video = video_scores(pipe, clips, progress=progress, **options)
     return Measurements(
         options=options,
         selection=selection,
@@ -229,6 +236,7 @@ def measure(
             "colour read back, untrained": float(blind.colour_ok.mean()),
             "shape read back, untrained": float(blind.shape_ok.mean()),
         },
+        video=video,
         sinks=sinks_while_drawing(pipe, n=sink_scenes),
         claims={"subset": claim_subset, **claims(pipe, options.get("t", 0.5), claim_subset)},
         seeds=tuple(seeds),
@@ -330,6 +338,13 @@ def write_card(
         "Option choice on val (RefAM mIoU per trial):",
         "",
         markdown_table(m.selection),
+        "",
+        f"## Video, frame by frame ({int(m.video.n.max()) if len(m.video) else 0} test expressions)",
+        "",
+        "No video model is trained on ShapesRef: offline, RefAM on video runs this image model on each "
+        "frame (`refam.segment_video`); J&F per clip, averaged.",
+        "",
+        markdown_table(m.video),
         "",
         "## Word maps on the test split (raw head-mean attention, Otsu threshold)",
         "",
