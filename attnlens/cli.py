@@ -43,12 +43,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_frame(frame, title: str) -> None:
+    cells = [
+        [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)
+    ]
     table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fiu" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
+    for i, column in enumerate(frame.columns):
+        # figures keep their full width on a narrow terminal; headers fold instead
+        width = max((len(row[i]) for row in cells), default=1)
+        justify = "right" if frame[column].dtype.kind in "fiu" else "left"
+        table.add_column(str(column), justify=justify, overflow="fold", min_width=width)
+    for row in cells:
+        table.add_row(*row)
+    console.print(table, crop=False)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

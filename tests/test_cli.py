@@ -96,3 +96,15 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, message, files, printed, 
 def test_inspect_lists_the_tokens_of_the_sample_asked_for(files, printed):
     assert cli.main(["inspect", str(files / "s.zarr"), "--sample", "0"]) == 0
     assert any("text tokens of sample '0'" in line for line in printed())
+
+
+def test_a_wide_table_keeps_every_figure_whole_on_a_narrow_terminal(printed):
+    import pandas as pd
+
+    figures = {"step": 1600, "images": 102400, "shape": 0.28125, "noun pointing, same colour": 0.248}
+    wide = pd.DataFrame([{f"{name} ({run})": v for run in ("words", "minilm", "shape-first") for name, v in
+                          figures.items()}])  # fmt: skip
+    cli._print_frame(wide, "curves")
+    body = " ".join(printed())
+    for figure in ("1600", "102400", "0.281", "0.248"):
+        assert body.count(figure) == 3, figure
