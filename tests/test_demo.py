@@ -156,7 +156,8 @@ def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
     assert not bars.met[:3].any() and bars.bar[2].startswith("RefAM mIoU above the union")
     text = card.write_card(tmp_path, "tiny", m, curves={"words": pd.DataFrame({"step": [2]})}).read_text()
     assert set(m.video.variant) >= {"RefAM", "union of objects"} and m.video["J&F"].between(0, 1).all()
-    for heading in ("## Bars", "Not met:", "colour lookup", "frame by frame", "Learning curve: words"):
+    loads = f"`attnlens.zoo.ShapesPipeline.load({str(tmp_path)!r})`"  # not shipped: loaded from its folder
+    for heading in ("## Bars", "Not met:", "colour lookup", "frame by frame", "Learning curve: words", loads):
         assert heading in text
     assert json.loads((tmp_path / "refam.json").read_text()) == m.options
     claims = json.loads((tmp_path / "claims.json").read_text())

@@ -295,6 +295,15 @@ def bars(m: Measurements) -> pd.DataFrame:
     return frame.astype({"met": bool})
 
 
+def _loader(folder: Path, name: str) -> str:
+    """How a reader of the card loads the model: by zoo name once shipped, else from its folder."""
+    from . import available
+
+    if name in available():
+        return f"`attnlens.zoo.load({name!r})`"
+    return f"`attnlens.zoo.ShapesPipeline.load({str(folder)!r})`"
+
+
 def write_card(
     folder: str | Path, name: str, m: Measurements, curves: dict[str, pd.DataFrame] | None = None
 ) -> Path:
@@ -315,7 +324,7 @@ def write_card(
         "",
         f"A `FluxTransformer2DModel` trained by attnlens from scratch with rectified flow on the "
         f"ShapesRef world `{log['model_config'].get('world', 'v1')}`. "
-        f"Load it offline with `attnlens.zoo.load({name!r})`.",
+        f"Load it offline with {_loader(folder, name)}.",
         "",
         "## Bars",
         "",
