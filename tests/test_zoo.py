@@ -132,6 +132,18 @@ def test_a_learning_curve_measures_each_snapshot_once(tmp_path):
         curve(tmp_path / "snapshots", progress=False)
 
 
+@pytest.mark.parametrize("world", ["v2", "v2-mono"])
+def test_the_generation_readout_reads_real_scenes_right(world):
+    """The oracle of every generation bar: real one-object scenes, colour and shape both read right."""
+    from attnlens.zoo.evaluate import train_readout
+
+    readout, accuracy = train_readout(world=world)
+    assert accuracy >= 0.95
+    scenes = [s for s in shapesref.split("test", n=40, world=world) if len(s.objects) == 1]
+    colours, shapes = readout.read(np.stack([s.image for s in scenes]))
+    assert shapes == [s.objects[0].shape for s in scenes] and colours == [s.objects[0].colour for s in scenes]
+
+
 def test_word_maps_are_captured_and_scored_against_baselines():
     pipe = ShapesPipeline.untrained(TINY)
     run = grounding(pipe, shapesref.expressions("test", 6), t=0.5)

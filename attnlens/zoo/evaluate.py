@@ -223,10 +223,13 @@ def single_object_scenes(n: int, seed: int, world: shapesref.World | str = "v1")
 
 @functools.cache
 def train_readout(
-    n: int = 6000, epochs: int = 6, seed: int = 0, world: shapesref.World | str = "v1"
+    n: int = 6000, epochs: int = 20, seed: int = 0, world: shapesref.World | str = "v1"
 ) -> tuple[Readout, float]:
     """Train :class:`Readout` on real one-object scenes of ``world``; returns it and its held-out
-    accuracy (colour and shape both right). Cached per process: a readout is trained once."""
+    accuracy (colour and shape both right). Cached per process: a readout is trained once.
+
+    Generation bars are only as good as this oracle: after 6 epochs it read 0.74 of v2's real
+    scenes right (shapes drawn were under-counted by as much), after 20 all of them."""
     torch.manual_seed(seed)
     scenes = single_object_scenes(n + 500, seed=1000 + seed, world=world)
     x = _to_tensor(np.stack([s.image for s in scenes]))
