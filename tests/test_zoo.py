@@ -11,7 +11,7 @@ import torch
 
 import attnlens
 from attnlens.datasets import shapesref
-from attnlens.errors import UnsupportedModelError
+from attnlens.errors import InputError, UnsupportedModelError
 from attnlens.testing import tiny_shapes_config
 from attnlens.zoo.curves import curve
 from attnlens.zoo.evaluate import grounding, otsu, summarise
@@ -31,6 +31,9 @@ def test_patches_round_trip():
     assert torch.equal(pipe.unpatchify(tokens), images)
     # token (y, x) covers pixels [8y, 8y+8) × [8x, 8x+8): the grid positions attnlens reports
     assert torch.equal(tokens[0, 8 * 2 + 5].reshape(3, 8, 8), images[0, :, 16:24, 40:48])
+    v2 = ShapesPipeline.untrained(TINY_V2)  # a scene of another world is refused, naming the sizes
+    with pytest.raises(InputError, match=r"draws 32 × 32 RGB images \(world 'v2'\): got \(2, 3, 64, 64\)"):
+        v2.patchify(images)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -202,7 +205,7 @@ def shipped():
     claims = json.loads((folder / "claims.json").read_text())
     bars = json.loads((folder / "bars.json").read_text())
     pipe = zoo.load("shapes-flux")
-    return pipe, claims, bars, measure_claims(pipe, claims["t"], claims["subset"])
+    return pipe, claims, bars, measure_claims(pipe, claims["subset"])
 
 
 def test_the_shipped_model_loads_offline_as_a_flux_transformer(shipped):
@@ -222,10 +225,11 @@ def test_the_shipped_model_loads_offline_as_a_flux_transformer(shipped):
 
 def test_the_shipped_model_meets_what_its_card_claims_and_the_untrained_model_does_not(shipped):
     from attnlens.zoo.card import claims as measure_claims
+    from attnlens.zoo.card import model_options
 
     pipe, claimed, bars, trained = shipped
-    n, t, tolerance = claimed["subset"], claimed["t"], claimed["tolerance"]
-    untrained = measure_claims(ShapesPipeline.untrained(pipe.config, seed=1), t, n)
+    n, tolerance = claimed["subset"], claimed["tolerance"]
+    untrained = measure_claims(ShapesPipeline.untrained(pipe.config, seed=1), n, model_options(pipe))
     for name, value in claimed["figures"].items():
         assert trained[name] == pytest.approx(value, abs=tolerance), name
     # every claimed figure is well above what random weights give
