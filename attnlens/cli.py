@@ -457,10 +457,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
             raise SystemExit(f"unknown ablation(s) {unknown}; choose from: {choices(ABLATIONS, 20)}")
         variants = {k: v for k, v in ABLATIONS.items() if not args.ablate or k in args.ablate or k == "RefAM"}
-    dataset = load(args.dataset, args.split, args.root, limit=args.limit)
     with console.status(f"loading {args.model}"):
         model = _load_model(args.model)
         segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
+    # an embedded model is scored on the ShapesRef world it was trained on
+    world = {"world": model.world} if args.dataset.startswith("shapesref") and hasattr(model, "world") else {}
+    dataset = load(args.dataset, args.split, args.root, limit=args.limit, **world)
     summary = evaluate(
         dataset, model, args.out, segmenter=segmenter, variants=variants, model_name=args.model, **options
     )

@@ -36,7 +36,7 @@ def build(path: Path, scenes: int, steps: int) -> None:
     pipe = zoo.load("shapes-flux")
     shutil.rmtree(path, ignore_errors=True)
     with attnlens.capture(pipe, keep=("cross", "text_to_image", "key_mass"), store=str(path)) as cap:
-        for i, scene in enumerate(shapesref.split("test", n=scenes)):
+        for i, scene in enumerate(shapesref.split("test", n=scenes, world=pipe.world)):
             with cap.sample(f"scene-{i}"):
                 pipe(scene.caption, num_inference_steps=steps, generator=torch.Generator().manual_seed(i))
 

@@ -23,8 +23,9 @@ from PIL import Image, ImageDraw
 
 from attnlens import refam, zoo
 from attnlens.datasets import shapesref
-from attnlens.refam.benchmark import SHAPESREF_OPTIONS, VARIANTS, evaluate, summarise, video_scores
+from attnlens.refam.benchmark import VARIANTS, evaluate, summarise, video_scores
 from attnlens.report import markdown_table
+from attnlens.zoo.card import model_options
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "img"
 
@@ -65,12 +66,12 @@ def figures(pipe: zoo.ShapesPipeline, folder: Path, n: int = 3) -> list[Path]:
     """The docs' figures: each step's maps for a few test expressions, and each ablation's heatmap."""
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [
-        next((s, e) for s, e in shapesref.expressions("test", 60) if e.kind == kind)
+        next((s, e) for s, e in shapesref.expressions("test", 60, world=pipe.world) if e.kind == kind)
         for kind in ("colour_shape", "shape", "position")
     ][:n]
     steps = []
     for scene, e in pairs:
-        r = refam.segment(scene.image, e.text, model=pipe, **SHAPESREF_OPTIONS)
+        r = refam.segment(scene.image, e.text, model=pipe, **model_options(pipe))
         tiles = [_tile(scene.image, e.text)]
         tiles += [
             _tile(m, f"{layer}")
@@ -85,7 +86,7 @@ def figures(pipe: zoo.ShapesPipeline, folder: Path, n: int = 3) -> list[Path]:
     scene, e = pairs[1]
     ablations = [_tile(scene.image, e.text)]
     for name, overrides in VARIANTS.items():
-        r = refam.segment(scene.image, e.text, model=pipe, **{**SHAPESREF_OPTIONS, **overrides})
+        r = refam.segment(scene.image, e.text, model=pipe, **{**model_options(pipe), **overrides})
         ablations += [_tile(r.heatmap, name), _tile(r.mask.astype(np.float32), "mask")]
     paths = [folder / "refam_steps.png", folder / "refam_ablations.png"]
     _stack(steps).save(paths[0])
@@ -109,9 +110,12 @@ def main() -> None:
     pipe = zoo.load(args.model) if args.model in zoo.available() else zoo.ShapesPipeline.load(args.model)
 
     began = time.perf_counter()
-    rows = evaluate(pipe, shapesref.expressions("test", args.n), **SHAPESREF_OPTIONS)
+    options = model_options(pipe)  # chosen on val by the model's card
+    rows = evaluate(pipe, shapesref.expressions("test", args.n, world=pipe.world), **options)
     table = summarise(rows)
-    video = video_scores(pipe, shapesref.expressions("test", args.videos, video=True), **SHAPESREF_OPTIONS)
+    video = video_scores(
+        pipe, shapesref.expressions("test", args.videos, video=True, world=pipe.world), **options
+    )
     seconds = time.perf_counter() - began
 
     main_rows = table[table.subset.isin(["all", "same-colour distractor"])]
@@ -123,7 +127,7 @@ def main() -> None:
             "## RefAM on ShapesRef (`benchmarks/refam_shapesref.py`)",
             f"Model `{args.model}`; {args.n} test expressions, {args.videos} video test expressions; "
             f"{seconds / 60:.1f} min on {machine()}, {args.threads} torch thread(s). Options shared by "
-            f"every variant (chosen on the val split): `{SHAPESREF_OPTIONS}`.",
+            f"every variant (chosen on the val split): `{options}`.",
             "Images: every variant and baseline, on all expressions and on those whose target shares "
             "its colour with another object.",
             markdown_table(main_rows),

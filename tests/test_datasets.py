@@ -267,6 +267,9 @@ def test_shapesref_splits_are_typed_samples_of_its_public_api():
     assert (ds[2].mask == pairs[2][0].masks[pairs[2][1].target]).all()
     clip = load("shapesref-video", "test", limit=1)[0]
     assert clip.frames.ndim == 4 and clip.masks.shape == clip.frames.shape[:3]
+    v2 = load("shapesref", "test", limit=2, world="v2")  # the world of the shipped shapes-flux
+    assert v2[1].id == "shapesref-v2/test/1" and v2[1].image.shape == (32, 32, 3)
+    assert v2[1].expression == list(shapesref.expressions("test", 2, world="v2"))[1][1].text
     with pytest.raises(DatasetError, match="unknown split 'train' of ShapesRef"):
         load("shapesref", "train")
 

@@ -23,7 +23,14 @@ from attnlens.datasets import load
 from attnlens.errors import DatasetError
 from attnlens.refam import RefamError
 from attnlens.refam.evaluation import ABLATIONS, evaluate
-from attnlens.testing import labelme_benchmarks, labelme_examples, tiny_flux_pipeline, tiny_shapes_pipeline
+from attnlens.testing import (
+    labelme_benchmarks,
+    labelme_examples,
+    tiny_flux_pipeline,
+    tiny_shapes_config,
+    tiny_shapes_pipeline,
+)
+from attnlens.zoo import ShapesPipeline
 
 pytest.importorskip("pyarrow", reason="per-sample results are parquet (the eval extra)")
 pytestmark = pytest.mark.filterwarnings(
@@ -178,3 +185,14 @@ def test_eval_on_a_real_video_in_ref_davis17_format(labelme, tmp_path):
     rows = pd.read_parquet(tmp_path / "samples.parquet")
     assert len(rows) == 2 and list(summary.columns) == ["variant", "n", "J&F", "J", "F"]
     assert summary["J&F"][0] == pytest.approx((rows.J + rows.F).mean() / 2)
+
+
+def test_an_embedded_model_is_scored_on_the_shapesref_world_it_draws(tmp_path):
+    from attnlens.cli import main
+
+    model, out = tmp_path / "v2", tmp_path / "out"
+    ShapesPipeline.untrained(tiny_shapes_config("v2")).save(model)
+    args = ["eval", "--dataset", "shapesref", "--split", "test", "--limit", "2", "--out", str(out)]
+    assert main([*args, "--model", str(model)]) == 0
+    rows = pd.read_parquet(out / "samples.parquet")
+    assert rows["id"].tolist() == ["shapesref-v2/test/0", "shapesref-v2/test/1"]

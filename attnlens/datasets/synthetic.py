@@ -22,16 +22,25 @@ class ShapesRefDataset(ReferringDataset):
         split: ``"val"`` or ``"test"``.
         video: draw the video variant of the split.
         limit: the first ``limit`` expressions only (the scenes behind the rest are never drawn).
+        world: a ShapesRef :class:`~attnlens.datasets.shapesref.World` or its name; sample ids
+            name it unless it is ``"v1"``.
     """
 
     name = "shapesref"
 
-    def __init__(self, split: str = "test", *, video: bool = False, limit: int | None = None):
+    def __init__(
+        self,
+        split: str = "test",
+        *,
+        video: bool = False,
+        limit: int | None = None,
+        world: shapesref.World | str = "v1",
+    ):
         check_split(split, [s for s, n in shapesref.SPLITS.items() if n], "ShapesRef")
         self.split, self.kind, self.video = split, "video" if video else "image", video
-        if video:
-            self.name = "shapesref-video"
-        self._entries = list(enumerate(shapesref.expressions(split, limit, video=video)))
+        world = shapesref.world_of(world)
+        self.name = "-".join(["shapesref"] + [world.name] * (world.name != "v1") + ["video"] * video)
+        self._entries = list(enumerate(shapesref.expressions(split, limit, video=video, world=world)))
 
     def _id(self, entry: Any) -> str:
         return f"{self.name}/{self.split}/{entry[0]}"

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = ["TEXT_ENCODERS", "ShapesConfig", "ShapesPipeline", "WordEncoder"]
 
 TEXT_ENCODERS: dict[str, int | None] = {"words": None, "minilm": 384}
@@ -284,6 +286,12 @@ class ShapesPipeline:
         """``(batch, 3, H, W)`` in ``[-1, 1]`` → ``(batch, grid², 3·patch²)`` tokens, row-major."""
         p, g = self.config.patch, self.config.grid
         b = images.shape[0]
+        if tuple(images.shape[1:]) != (3, g * p, g * p):
+            raise InputError(
+                f"this model draws {g * p} × {g * p} RGB images (world {self.config.world!r}): got "
+                f"{tuple(images.shape)} for (batch, 3, {g * p}, {g * p}); draw scenes with "
+                f"shapesref's world={self.config.world!r}, or resize"
+            )
         x = images.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b, g * g, 3 * p * p)
 
