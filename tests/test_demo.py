@@ -154,6 +154,8 @@ def test_model_card_reports_bars_and_claims_that_can_be_rechecked(tmp_path):
     assert list(bars.level) == ["must"] * 4 + ["aim"] * 4 + ["finding"] and bars.met.dtype == bool
     # two steps of training neither draw nor beat the union of objects
     assert not bars.met[:3].any() and bars.bar[2].startswith("RefAM mIoU above the union")
+    if m.options["gas"] == "none":  # then "no GAS handling" changes no mask: it is no ablation
+        assert "weakest: no GAS handling;" not in bars.required[7] and "left out" in bars.required[7]
     text = card.write_card(tmp_path, "tiny", m, curves={"words": pd.DataFrame({"step": [2]})}).read_text()
     assert set(m.video.variant) >= {"RefAM", "union of objects"} and m.video["J&F"].between(0, 1).all()
     loads = f"`attnlens.zoo.ShapesPipeline.load({str(tmp_path)!r})`"  # not shipped: loaded from its folder

@@ -1,9 +1,10 @@
 """The ShapesRef models: a FLUX transformer over pixel patches and a text encoder.
 
-``ShapesPipeline`` works in pixel space (no VAE): a ``64 × 64`` RGB image in ``[-1, 1]`` is
-cut into ``8 × 8`` patches, giving an ``8 × 8`` grid of image tokens with 192 values each. Text
-goes through :class:`WordEncoder` (word + position embeddings of the ShapesRef tokenizer's
-words), or with ``ShapesConfig(text_encoder="minilm", text_dim=384)`` through a frozen pretrained
+``ShapesPipeline`` works in pixel space (no VAE): an RGB image in ``[-1, 1]`` is cut into square
+patches, one image token each: ``64 × 64`` pixels in ``8 × 8`` patches for the world ``v1`` (the
+default configuration), ``32 × 32`` in ``4 × 4`` patches for ``v2`` (the shipped ``shapes-flux``);
+either way an ``8 × 8`` grid of image tokens. Text goes through :class:`WordEncoder` (word +
+position embeddings of the ShapesRef tokenizer's words), or with ``ShapesConfig(text_encoder="minilm", text_dim=384)`` through a frozen pretrained
 BERT (all-MiniLM-L6-v2, :mod:`attnlens.zoo.text_encoders`) with its WordPiece tokenizer, into
 FLUX's joint attention, exactly where T5 tokens go in FLUX.1. The pooled text input
 is zeros, so that text reaches the image only through joint attention. Sampling integrates the
