@@ -30,7 +30,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         raise InputError(f"--model {args.model!r} is no embedded model; choose {choices(zoo.available())}")
     console.print(f"[bold]attnlens {attnlens.__version__}[/] — the embedded model {args.model!r}")
-    result = demo.run(args.out, model=args.model, scenes=args.scenes, steps=args.steps)
+    result = demo.run(
+        args.out, model=args.model, scenes=args.scenes, steps=args.steps, guidance=args.guidance
+    )
     console.print(f"captured into {result.store}")
     _print_frame(
         result.token_mass, "share of incoming attention by token kind, and the text token with the largest r"
@@ -555,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="attnlens-demo", help="folder for the store and report.html")
     demo.add_argument("--model", default="shapes-flux", help="embedded model")
     demo.add_argument("--scenes", type=int, default=6, help="ShapesRef test scenes to draw and segment")
-    demo.add_argument("--steps", type=int, default=8, help="sampling steps per drawing")
+    demo.add_argument("--steps", type=int, default=20, help="sampling steps per drawing")
+    demo.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
     demo.set_defaults(func=_cmd_demo)
     inspect = sub.add_parser("inspect", help="print what an attention store holds")
     inspect.add_argument("store", help="path or fsspec URL of the store")

@@ -180,6 +180,16 @@ def test_capture_labels_the_embedded_pipeline_words():
     assert ds.sizes["query"] == 64 and ds.y.values.max() == 7
 
 
+def test_a_guided_drawing_is_captured_with_each_forward_labelled_by_its_branch():
+    pipe = ShapesPipeline.untrained(TINY)
+    draw = dict(num_inference_steps=2, guidance_scale=3.0)
+    with attnlens.capture(pipe, keep="cross") as cap:
+        drawn = pipe("the red circle", **draw, generator=torch.Generator().manual_seed(0))
+    assert (drawn == pipe("the red circle", **draw, generator=torch.Generator().manual_seed(0))).all()
+    assert list(cap.result.branch.values) == ["cond", "uncond"] * 2
+    assert cap.result.timestep.values[0] == cap.result.timestep.values[1]  # both branches of a step
+
+
 def test_zoo_train_command_trains_and_resumes(tmp_path):
     from attnlens.cli import main
 

@@ -4,11 +4,14 @@
 patches, one image token each: ``64 × 64`` pixels in ``8 × 8`` patches for the world ``v1`` (the
 default configuration), ``32 × 32`` in ``4 × 4`` patches for ``v2`` (the shipped ``shapes-flux``);
 either way an ``8 × 8`` grid of image tokens. Text goes through :class:`WordEncoder` (word +
-position embeddings of the ShapesRef tokenizer's words), or with ``ShapesConfig(text_encoder="minilm", text_dim=384)`` through a frozen pretrained
-BERT (all-MiniLM-L6-v2, :mod:`attnlens.zoo.text_encoders`) with its WordPiece tokenizer, into
-FLUX's joint attention, exactly where T5 tokens go in FLUX.1. The pooled text input
-is zeros, so that text reaches the image only through joint attention. Sampling integrates the
-rectified flow ``dx/dt = v`` from noise (``t = 1``) to an image (``t = 0``) with Euler steps.
+position embeddings of the ShapesRef tokenizer's words), or with
+``ShapesConfig(text_encoder="minilm", text_dim=384)`` through a frozen pretrained BERT
+(all-MiniLM-L6-v2, :mod:`attnlens.zoo.text_encoders`) with its WordPiece tokenizer, into FLUX's
+joint attention, exactly where T5 tokens go in FLUX.1. The pooled text input is zeros, so that
+text reaches the image only through joint attention. Sampling integrates the rectified flow
+``dx/dt = v`` from noise (``t = 1``) to an image (``t = 0``) with Euler steps; with guidance,
+the conditional and unconditional forwards run in the transformer's ``cache_context("cond")`` and
+``("uncond")``, as in diffusers' pipelines, so that a capture labels each with its branch.
 
 >>> pipe = ShapesPipeline.untrained(seed=0)
 >>> images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
@@ -345,9 +348,12 @@ class ShapesPipeline:
         ts = torch.linspace(1.0, 0.0, num_inference_steps + 1)
         for t, t_next in itertools.pairwise(ts):
             tt = torch.full((len(prompts),), float(t), device=self.device)
-            v = self.velocity(x, tt, text)
+            # named as diffusers' pipelines name their CFG branches, so that hooks can tell them apart
+            with self.transformer.cache_context("cond"):
+                v = self.velocity(x, tt, text)
             if empty is not None:
-                v_empty = self.velocity(x, tt, empty)
+                with self.transformer.cache_context("uncond"):
+                    v_empty = self.velocity(x, tt, empty)
                 v = v_empty + guidance_scale * (v - v_empty)
             x = x + (t_next - t) * v
         images = self.unpatchify(x).clamp(-1, 1)
