@@ -144,7 +144,7 @@ def test_plan_of_an_embedded_model_and_of_a_diffusers_folder(tmp_path):
     pipe.transformer.save_pretrained(tmp_path / "transformer")
     bare = plan(tmp_path / "transformer", keep="cross", image_tokens=256, steps=4, text_tokens=16)
     assert bare.variables["cross"][0]["query"] == 256
-    assert plan("shapes-flux", **options).image_tokens == 64  # 8 × 8 patches of 8 pixels
+    assert plan("shapes-flux", **{**options, "height": 32, "width": 32}).image_tokens == 64  # 8 × 8 patches
     with pytest.raises(UnsupportedModelError, match="holds no diffusers pipeline"):
         plan(str(tmp_path), **options)
 
@@ -178,7 +178,7 @@ def test_a_run_that_would_not_fit_is_refused_before_it_starts(tmp_path, monkeypa
 
 
 def test_cli_plan(capsys):
-    args = ["plan", "shapes-flux", "--height", "64", "--width", "64", "--steps", "8", "--text-tokens", "24"]
+    args = ["plan", "shapes-flux", "--height", "32", "--width", "32", "--steps", "8", "--text-tokens", "24"]
     assert cli_main([*args, "--keep", "cross", "key_mass", "--heads", "mean", "--samples", "100"]) == 0
     out = capsys.readouterr().out
     for text in ("24 text + 64 image tokens", "cross", "key_mass", "288.0 KiB", "per run of 100"):

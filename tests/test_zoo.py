@@ -242,8 +242,9 @@ def test_the_shipped_model_meets_what_its_card_claims_and_the_untrained_model_do
     untrained = measure_claims(ShapesPipeline.untrained(pipe.config, seed=1), n, model_options(pipe))
     for name, value in claimed["figures"].items():
         assert trained[name] == pytest.approx(value, abs=tolerance), name
-    # every claimed figure is well above what random weights give
-    for name in ("phrase mIoU", "colour pointing, colour unique"):
+    # RefAM and the colour word's map are well above what random weights give (the raw phrase map,
+    # averaged over every layer, is not: docs/embedded.md says so)
+    for name in ("RefAM mIoU", "colour pointing, colour unique"):
         assert untrained[name] < trained[name] - 0.1, name
     colour = next((b for b in bars if b["bar"].startswith("colour-word pointing")), None)  # v1's card
     if colour is not None and colour["met"]:
