@@ -1,12 +1,12 @@
 """Score RefAM, its ablations and attention-free baselines on ShapesRef's referring expressions.
 
 Each variant is a set of :class:`~attnlens.refam.RefamOptions` overrides on top of options
-shared by all (:data:`SHAPESREF_OPTIONS` for the embedded model); :data:`VARIANTS` holds full
-RefAM, one ablation per step, RefAM on the head noun alone, and the attention-only baselines:
-the target words' (and the head noun's) raw head-mean map averaged over layers, thresholded
-with Otsu's method: no appended magnets, no GAS handling, no prior, no refinement. Masks are
-scored against the exact target masks: IoU per expression (mean: mIoU), cumulative
-intersection over cumulative union (oIoU), and the pointing game on the heatmap.
+shared by all (an embedded model's card-chosen options, else :data:`SHAPESREF_OPTIONS`);
+:data:`VARIANTS` holds full RefAM, one ablation per step, RefAM on the head noun alone, and the
+attention-only baselines: the target words' (and the head noun's) raw head-mean map averaged
+over layers, thresholded with Otsu's method: no appended magnets, no GAS handling, no prior, no
+refinement. Masks are scored against the exact target masks: IoU per expression (mean: mIoU),
+cumulative intersection over cumulative union (oIoU), and the pointing game on the heatmap.
 
     python benchmarks/refam_shapesref.py      # the table in BENCHMARKS.md
 """
@@ -27,9 +27,9 @@ from .video import segment_video
 
 __all__ = ["SHAPESREF_OPTIONS", "VARIANTS", "evaluate", "summarise", "video_scores"]
 
-#: RefAM's options for the embedded model, chosen on ShapesRef's val split (200 expressions):
-#: the noun phrase's content words (mIoU 0.239 at t = 0.3) over the head noun alone (0.159),
-#: and t = 0.3 over 0.5 (0.235).
+#: RefAM's options for an embedded model whose card chose none (no ``refam.json``), chosen for the
+#: first shapes-flux on v1's val split (200 expressions): the noun phrase's content words (mIoU
+#: 0.239 at t = 0.3) over the head noun alone (0.159), and t = 0.3 over 0.5 (0.235).
 SHAPESREF_OPTIONS: dict[str, Any] = {"targets": "phrase", "t": 0.3}
 
 _RAW = {"append_magnets": False, "gas": "none", "spatial_prior": False, "refine": False}

@@ -264,13 +264,11 @@ def bars(m: Measurements) -> pd.DataFrame:
     from ..refam.benchmark import VARIANTS
 
     refam, spread = _score(m.test, "RefAM"), _score(m.test, "RefAM", metric="spread")
-    variants = {**VARIANTS, **EXTRA_ABLATIONS}
 
-    def changes_nothing(v: str) -> bool:  # the chosen options already leave this step out
-        same = _score(m.test, v) == refam and _score(m.test, v, metric="spread") == spread
-        return same or all(m.options.get(k) == value for k, value in variants[v].items())
+    def changes_nothing(v: str) -> bool:  # e.g. the chosen options already leave its step out
+        return _score(m.test, v) == refam and _score(m.test, v, metric="spread") == spread
 
-    tried = [v for v in variants if v != "RefAM" and v in set(m.test.variant)]
+    tried = [v for v in (*VARIANTS, *EXTRA_ABLATIONS) if v != "RefAM" and v in set(m.test.variant)]
     ablations = [v for v in tried if not changes_nothing(v)]
     margins = {
         v: refam - _score(m.test, v) - max(spread, _score(m.test, v, metric="spread")) for v in ablations
