@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -354,11 +355,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = _check(
         images={"IMAGE": args.image},
         outputs={"--out": args.out, **({"--heatmap": args.heatmap} if args.heatmap else {})},
-        shares={"--t": args.t},
+        shares={"--t": args.t} if args.t is not None else {},
     )
-    options = {"t": args.t, "gas": args.gas, "seed": args.seed, "refine": not args.no_refine}
-    if args.caption:
-        options["caption"] = args.caption
+    given = {"t": args.t, "gas": args.gas, "caption": args.caption}  # unset: the model's chosen options
+    options = {
+        **_refam_options(args.option),
+        **{k: v for k, v in given.items() if v is not None},
+        "seed": args.seed,
+        "refine": not args.no_refine,
+    }
     with console.status(f"loading {args.model}"):
         model = _load_model(args.model)
         segmenter = _load_segmenter(args.segmenter) if args.segmenter else None
@@ -437,20 +442,27 @@ def _check(
     return image
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    """Score RefAM on a benchmark split; resumable; sharded by rank under torchrun / accelerate launch."""
+def _refam_options(items: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` items as RefAM options: Python literals, else bare words (gas=redirect)."""
     import ast
 
-    from attnlens.datasets import load
-    from attnlens.refam.evaluation import ABLATIONS, evaluate
-
     options = {}
-    for item in args.option:
+    for item in items:
         key, _, value = item.partition("=")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key] = value  # a bare word: a string option such as gas=redirect
+            options[key] = value
+    return options
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Score RefAM on a benchmark split; resumable; sharded by rank under torchrun / accelerate launch."""
+
+    from attnlens.datasets import load
+    from attnlens.refam.evaluation import ABLATIONS, evaluate
+
+    options = _refam_options(args.option)
     variants = {"RefAM": {}}
     if args.ablate is not None:
         unknown = sorted(set(args.ablate) - set(ABLATIONS))
@@ -548,6 +560,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_SEGMENTER_HELP = (
+    "SAM / SAM 2 checkpoint folder (default: the refiner option, the model's choice or threshold)"
+)
+_OPTION_HELP = "a RefAM option, e.g. t=0.3 or refiner=region (repeat for more)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attnlens", description="Look inside the attention of diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -615,12 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", default="mask.png", help="mask PNG to write (input size, 0/255)")
     seg.add_argument("--heatmap", help="also write the heatmap as a grey PNG")
     seg.add_argument("--model", default="shapes-flux", help="zoo model or diffusers folder")
-    seg.add_argument("--segmenter", help="SAM / SAM 2 checkpoint folder (default: the threshold refiner)")
+    seg.add_argument("--segmenter", help=_SEGMENTER_HELP)
     seg.add_argument("--caption", help='caption around the expression, e.g. "a photo of {expression}"')
-    seg.add_argument("--t", type=float, default=0.5, help="flow time of the noised forward")
-    seg.add_argument("--gas", choices=["suppress", "redirect", "none"], default="suppress", help="sinks")
+    seg.add_argument(
+        "--t", type=float, help="flow time of the noised forward (default: the model's, else 0.5)"
+    )
+    seg.add_argument("--gas", choices=["suppress", "redirect", "none"], help="sinks (default: the model's)")
     seg.add_argument("--seed", type=int, default=0, help="seed of the noise")
     seg.add_argument("--no-refine", action="store_true", help="Otsu's threshold of the heatmap only")
+    seg.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=_OPTION_HELP)
     seg.set_defaults(func=_cmd_segment)
     ev = sub.add_parser("eval", help="score RefAM on a benchmark (resumable; shards under torchrun)")
     ev.add_argument(
@@ -631,15 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", required=True, help="val, testA, testB, test (as in the papers)")
     ev.add_argument("--root", help="the dataset's folder (not for shapesref)")
     ev.add_argument("--model", default="shapes-flux", help="zoo model or diffusers pipeline folder")
-    ev.add_argument("--segmenter", help="SAM / SAM 2 checkpoint folder (default: the threshold refiner)")
+    ev.add_argument("--segmenter", help=_SEGMENTER_HELP)
     ev.add_argument("--limit", type=int, help="the first N samples only")
     ev.add_argument(
         "--ablate", nargs="*", metavar="VARIANT",
         help="also the ablations and attention-only baselines (all, or those named)",
     )  # fmt: skip
-    ev.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="a RefAM option, e.g. t=0.3"
-    )
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=_OPTION_HELP)
     ev.add_argument("--out", required=True, help="results folder: samples.parquet, summary.md, summary.json")
     ev.set_defaults(func=_cmd_eval)
     zoo = sub.add_parser("zoo", help="the embedded models").add_subparsers(dest="zoo_command", required=True)

@@ -133,7 +133,7 @@ def run(
     report.table(table, notes=SEGMENTATION_NOTES)
     report.text(
         f"RefAM with the options chosen for this model on val ({_describe(options)}): appended magnets, "
-        f"GAS handling {options.get('gas', 'suppress')!r}, the spatial prior and the threshold refiner; "
+        f"GAS handling {options.get('gas', 'suppress')!r}, the spatial prior and {_refiner(options)}; "
         "attention only: the head noun's raw head-mean map, Otsu-thresholded. "
         "The baselines need no model; colour lookup reads the named colour off the clean image.",
         note=True,
@@ -211,6 +211,15 @@ SEGMENTATION_NOTES = {
 
 def _describe(options: dict) -> str:
     return ", ".join(f"{k} = {v}" for k, v in options.items())
+
+
+def _refiner(options: dict) -> str:
+    if options.get("refiner", "threshold") == "threshold":
+        return "the threshold refiner"
+    where = (
+        "the grid cell whose segment holds the most heat" if options.get("prompts") == "grid" else "the peak"
+    )
+    return f"the region segmenter (SAM's model-free stand-in on flat colours) prompted at {where}"
 
 
 def _gallery(report: Report, pipe: zoo.ShapesPipeline, pairs: list, count: int, options: dict) -> None:

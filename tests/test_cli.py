@@ -108,3 +108,26 @@ def test_a_wide_table_keeps_every_figure_whole_on_a_narrow_terminal(printed):
     body = " ".join(printed())
     for figure in ("1600", "102400", "0.281", "0.248"):
         assert body.count(figure) == 3, figure
+
+
+def test_segment_keeps_the_models_chosen_options_unless_told(files, printed, monkeypatch):
+    from attnlens import refam
+    from attnlens.testing import tiny_shapes_pipeline
+
+    pipe = tiny_shapes_pipeline()
+    pipe.refam_options = {"t": 0.3, "gas": "redirect", "refiner": "region", "prompts": "grid"}
+    ran, segment = [], refam.segment
+    monkeypatch.setattr(cli, "_load_model", lambda name: pipe)
+    monkeypatch.setattr(refam, "segment", lambda *a, **kw: ran.append(segment(*a, **kw)) or ran[-1])
+    argv = ["segment", str(files / "black.png"), "the red circle", "--out", str(files / "m.png")]
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--t", "0.7", "--option", "prompts=peaks", "--option", "n_points=2"]) == 0
+    chosen, told = (r.options for r in ran)
+    assert (chosen["t"], chosen["gas"], chosen["refiner"], chosen["prompts"]) == (
+        0.3,
+        "redirect",
+        "region",
+        "grid",
+    )
+    assert (told["t"], told["gas"], told["prompts"], told["n_points"]) == (0.7, "redirect", "peaks", 2)
+    assert any("refiner: segmenter" in line for line in printed())

@@ -509,6 +509,33 @@ def test_callable_segmenter_gets_the_points(shapes, odd):
     assert r.mask.sum() == 1 and r.info["refiner"] == "segmenter"
 
 
+def test_region_refiner_takes_the_flat_colour_region_under_the_point(shapes, scene):
+    r = refam.segment(scene, EXPRESSION, model=shapes, refiner="region")
+    x, y = r.points[0].astype(int)
+    assert r.mask[y, x] and r.info["refiner"] == "segmenter"
+    difference = np.abs(scene[r.mask].astype(int) - scene[y, x].astype(int)).max()
+    assert difference <= 24  # the default tolerance: every pixel of the mask is the point's colour
+    assert not np.array_equal(refam.segment(scene, EXPRESSION, model=shapes).mask, r.mask)
+
+
+def test_a_grid_of_prompts_keeps_the_segment_with_most_heat(shapes, scene):
+    r = refam.segment(scene, EXPRESSION, model=shapes, refiner="region", prompts="grid")
+    peak = refam.segment(scene, EXPRESSION, model=shapes, refiner="region")
+    np.testing.assert_array_equal(r.heatmap, peak.heatmap)
+    assert len(r.points) == 1 and r.point_labels.tolist() == [1]
+    gy, gx = r.maps["heatmap"].shape
+    segment = refam.region_segmenter()
+    means = [
+        r.heatmap[segment(scene, np.array([[(c + 0.5) * 64 / gx, (row + 0.5) * 64 / gy]]), np.ones(1))].mean()
+        for row in range(gy)
+        for c in range(gx)
+    ]
+    assert r.heatmap[r.mask].mean() == pytest.approx(max(means))
+    assert max(means) >= peak.heatmap[peak.mask].mean()  # the peak's own segment was one of the proposals
+    with pytest.raises(refam.SegmenterMismatchError, match="threshold refiner takes no points"):
+        refam.segment(scene, EXPRESSION, model=shapes, prompts="grid")
+
+
 def test_mismatched_segmenters_are_refused(shapes, scene):
     model, processor, image_processor = _tiny_sam()
     cases = [
@@ -541,6 +568,10 @@ def test_bad_arguments_raise_clear_errors(shapes, scene):
         refam.segment(scene, EXPRESSION, model=shapes, gas="drop")
     with pytest.raises(ValueError, match="flow time"):
         refam.segment(scene, EXPRESSION, model=shapes, t=1.5)
+    with pytest.raises(ValueError, match="unknown refiner='sam'"):
+        refam.segment(scene, EXPRESSION, model=shapes, refiner="sam")
+    with pytest.raises(ValueError, match="unknown prompts='all'"):
+        refam.segment(scene, EXPRESSION, model=shapes, prompts="all")
     with pytest.raises(refam.RefamError, match="redirect"):
         refam.segment(scene, "circle", model=shapes, gas="redirect", sinks=[0], append_magnets=False)
     assert issubclass(refam.RefamError, AttnlensError) and attnlens.refam is refam

@@ -182,6 +182,19 @@ def test_image_segmenters_run_frame_by_frame(shapes):
     assert r.masks.shape == (2, 50, 70) and all(name.startswith("segmenter") for name in r.info["refiner"])
 
 
+def test_a_grid_of_prompts_runs_frame_by_frame(shapes):
+    frames = _clip(2, 50, 70, seed=3)
+    r = refam.segment_video(frames, "the red circle", model=shapes, refiner="region", prompts="grid")
+    for i in range(2):
+        image = refam.segment(frames[i], "the red circle", model=shapes, refiner="region", prompts="grid")
+        np.testing.assert_array_equal(r.masks[i], image.mask)
+        np.testing.assert_array_equal(r.points[i], image.points)
+    with pytest.raises(refam.SegmenterMismatchError, match="video segmenter takes the peaks"):
+        refam.segment_video(
+            frames, "the red circle", model=shapes, segmenter=tiny_sam2(video=True), prompts="grid"
+        )
+
+
 def test_mismatched_segmenters_are_refused(shapes):
     video_model, video_processor = tiny_sam2(video=True)
     image_model, image_processor = tiny_sam2()

@@ -458,13 +458,22 @@ def expressions(
     return pairs if count is None else itertools.islice(pairs, count)
 
 
-BASELINES = ("whole image", "centre box", "union of objects", "token-grid ceiling", "colour lookup")
+BASELINES = (
+    "whole image",
+    "centre box",
+    "union of objects",
+    "random object",
+    "token-grid ceiling",
+    "colour lookup",
+)
 
 
 def baselines(pairs: list[tuple[Scene, Expression]], patch: int = 8) -> dict[str, np.ndarray]:
     """``(expression, H, W)`` bool masks that need no model, one per name in :data:`BASELINES`.
 
-    ``centre box`` is the middle half of each side; ``token-grid ceiling`` the target rounded to
+    ``centre box`` is the middle half of each side; ``random object`` one of the scene's objects,
+    drawn at random (seeded by the expression's index): what a perfect segmenter scores when it
+    has no idea which object is meant; ``token-grid ceiling`` the target rounded to
     ``patch`` × ``patch`` cells (the best mask a map on a model's token grid draws unrefined);
     ``colour lookup`` every pixel of the colour the expression names (the union of objects where
     it names none): what colour alone achieves.
@@ -487,6 +496,9 @@ def baselines(pairs: list[tuple[Scene, Expression]], patch: int = 8) -> dict[str
         np.ones_like(targets),
         centre,
         np.stack([s.masks.any(0) for s, _ in pairs]),
+        np.stack(
+            [s.masks[np.random.default_rng(i).integers(len(s.masks))] for i, (s, _) in enumerate(pairs)]
+        ),
         np.repeat(np.repeat(cells, patch, axis=1), patch, axis=2),
         np.stack(lookup),
     )

@@ -20,6 +20,7 @@ from .errors import EmptyExpressionError, EmptyVideoError, NoNounError, RefamErr
 from .image import GAS_CHOICES, RefamOptions, RefamResult, segment, spatial_prior
 from .parse import SPATIAL_WORDS, ParsedExpression, parse
 from .prompts import DEFAULT_COLOUR, DEFAULT_MAGNETS, RefamPrompt, build_prompt, compose
+from .refine import region_segmenter
 from .video import RefamVideoResult, segment_video
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "compose",
     "otsu_threshold",
     "parse",
+    "region_segmenter",
     "segment",
     "segment_video",
     "spatial_prior",

@@ -28,9 +28,13 @@
    ``prior_floor + (1 − prior_floor) · ramp`` so that no region is ruled out;
 6. **points**: the ``n_points`` highest local maxima of the heatmap (positives) and, with
    ``negatives > 0``, the strongest peaks where the magnets own more attention than the target;
-   **refinement**: Otsu's threshold, then the largest connected component; or, with a segmenter,
-   SAM or SAM2 (``transformers``' ``SamModel``, ``Sam2Model``) prompted with the points, its
-   best-scoring mask (:mod:`attnlens.refam.refine`).
+   or, with ``prompts="grid"``, the segmenter is prompted at the centre of each of the hottest
+   token cells, one at a time, and the cell whose mask holds the highest mean heat is the point;
+   **refinement**: Otsu's threshold, then the largest connected component (``refiner="threshold"``);
+   the model-free point-prompted :func:`~attnlens.refam.refine.region_segmenter`
+   (``refiner="region"``, for flat-coloured scenes); or, with a segmenter, SAM or SAM2
+   (``transformers``' ``SamModel``, ``Sam2Model``) prompted with the points, its best-scoring mask
+   (:mod:`attnlens.refam.refine`).
 
 The heatmap and mask come back at the input image's size, whatever its size and mode. Steps 2–6
 are this module's functions, shared with :func:`~attnlens.refam.segment_video`, which runs them
@@ -51,15 +55,19 @@ from PIL import Image
 
 from ..errors import HookError, UnsupportedModelError
 from ..text import TokenLabels
-from .errors import RefamError
+from .errors import RefamError, SegmenterMismatchError
 from .parse import ParsedExpression, parse
 from .prompts import DEFAULT_COLOUR, DEFAULT_MAGNETS, RefamPrompt, build_prompt
-from .refine import image_segmenter, refine
+from .refine import REFINERS, best_proposal, image_segmenter, refine
 
 __all__ = ["GAS_CHOICES", "RefamOptions", "RefamResult", "segment"]
 
 GAS_CHOICES = ("suppress", "redirect", "none")
 _COMPONENTS = ("largest", "peak")
+_PROMPTS = ("peaks", "grid")
+#: at most this many of the hottest token cells prompt the segmenter with ``prompts="grid"``: every
+#: cell of the embedded model's 8 × 8 grid, the hottest 64 of FLUX's 64 × 64 (SAM runs once per prompt)
+GRID_PROMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,21 @@ class RefamOptions:
             word can still win when its attention is much stronger (0: the hard-zero ramp).
         n_points: positive points, 1 (the argmax peak), per image or frame.
         negatives: negative points from magnet-owned regions, 0.
+        prompts: ``"peaks"`` (the heatmap's peaks prompt the segmenter, as the paper does) or
+            ``"grid"``: the segmenter is prompted at each token cell's centre alone (the
+            :data:`GRID_PROMPTS` hottest cells) and the cell whose mask has the highest mean heat
+            becomes the one positive point
+            (:func:`~attnlens.refam.refine.best_proposal`); it needs a point-prompted segmenter
+            (``refiner="region"`` or ``segmenter=``). The heatmap's hottest pixel can lie just
+            off the object its heat surrounds; a mask's mean heat cannot.
         refine: refine the thresholded heatmap (``False``: the "no refinement" ablation: Otsu's
             threshold of the heatmap, nothing else, also when a segmenter is given).
         component: which connected component the threshold refiner keeps: ``"largest"`` or
             ``"peak"`` (the one holding the strongest positive point).
+        refiner: the refiner when no ``segmenter`` is given: ``"threshold"`` (Otsu's threshold
+            and one component) or ``"region"`` (:func:`~attnlens.refam.refine.region_segmenter`,
+            a model-free point-prompted segmenter for flat-coloured scenes such as the embedded
+            world's; SAM's stand-in where no SAM weights are at hand).
     """
 
     caption: str | None = None
@@ -151,8 +170,10 @@ class RefamOptions:
     prior_floor: float = 0.1
     n_points: int = 1
     negatives: int = 0
+    prompts: str = "peaks"
     refine: bool = True
     component: str = "largest"
+    refiner: str = "threshold"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "magnets", tuple(str(m) for m in self.magnets))
@@ -160,6 +181,10 @@ class RefamOptions:
             raise ValueError(f"unknown gas={self.gas!r}: use one of {', '.join(GAS_CHOICES)}")
         if self.component not in _COMPONENTS:
             raise ValueError(f"unknown component={self.component!r}: use one of {', '.join(_COMPONENTS)}")
+        if self.prompts not in _PROMPTS:
+            raise ValueError(f"unknown prompts={self.prompts!r}: use one of {', '.join(_PROMPTS)}")
+        if self.refiner not in REFINERS:
+            raise ValueError(f"unknown refiner={self.refiner!r}: use one of {', '.join(REFINERS)}")
         if self.heads not in ("mean", "max"):
             raise ValueError(f"unknown heads={self.heads!r}: use 'mean' or 'max'")
         if not 0.0 <= float(self.t) <= 1.0:
@@ -627,9 +652,9 @@ def segment(
         expression: e.g. ``"the red mug on the left"``.
         model: a loaded diffusers ``FluxPipeline``, a :class:`~attnlens.zoo.ShapesPipeline`, or
             a zoo name for :func:`attnlens.zoo.load`.
-        segmenter: ``None`` (threshold refiner), a ``(SamModel, SamProcessor)`` or ``(Sam2Model,
-            Sam2Processor)`` pair from ``transformers``, or a callable ``(image (H, W, 3) uint8,
-            points (n, 2) xy, labels (n,)) -> (H, W) bool``.
+        segmenter: ``None`` (the ``refiner`` option's), a ``(SamModel, SamProcessor)`` or
+            ``(Sam2Model, Sam2Processor)`` pair from ``transformers``, or a callable ``(image (H,
+            W, 3) uint8, points (n, 2) xy, labels (n,)) -> (H, W) bool``.
         **options: fields of :class:`RefamOptions`, over the options chosen for an embedded model
             (its ``refam_options``) and the defaults.
 
@@ -644,7 +669,7 @@ def segment(
     model = _loaded(model)
     opts = _options(options, model)
     parsed = parse(expression, parser=opts.parser)
-    segment_fn = image_segmenter(segmenter)
+    segment_fn = image_segmenter(opts.refiner if segmenter is None else segmenter)
     rgb = _as_rgb(image)
     height, width = rgb.shape[:2]
     backend = _backend(model, opts)
@@ -654,7 +679,7 @@ def segment(
     maps = _aggregate(cross, grid, layer_names, prompt, parsed, opts).isel(frame=0, drop=True)
     info["grid"] = tuple(maps["heatmap"].shape)
     heat = _heat(maps["heatmap"].values, (height, width))
-    points, labels = _points(maps, opts, (height, width))
+    points, labels = _prompt_points(maps, opts, rgb, heat, segment_fn)
     mask, info["refiner"] = refine(
         rgb, heat, points, labels, segment_fn, enabled=opts.refine, component=opts.component
     )
@@ -820,6 +845,29 @@ def _aggregate(
         },
         attrs={"aggregated_positions": columns, "target_words": list(prompt.target_words)},
     )
+
+
+def _prompt_points(
+    maps: xr.Dataset, opts: RefamOptions, rgb: np.ndarray, heat: np.ndarray, segment_fn: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 6's ``(points (n, 2) xy, labels (n,))`` for one image ``rgb`` ``(H, W, 3)`` and its
+    ``heat`` ``(H, W)``: the heatmap's peaks, or with ``prompts="grid"`` the token cell whose
+    segment the heat favours most."""
+    size = rgb.shape[:2]
+    if opts.prompts == "peaks":
+        return _points(maps, opts, size)
+    if segment_fn is None:
+        raise SegmenterMismatchError(
+            "prompts='grid' prompts a segmenter with points: use refiner='region' or give segmenter="
+            "(model, processor); the threshold refiner takes no points"
+        )
+    grid = maps["heatmap"].values
+    gy, gx = grid.shape
+    h, w = size
+    rows, cols = np.unravel_index(np.argsort(-grid, axis=None, kind="stable")[:GRID_PROMPTS], grid.shape)
+    cells = np.stack([(cols + 0.5) * w / gx, (rows + 0.5) * h / gy], axis=1)
+    best = best_proposal(rgb, heat, cells, segment_fn)
+    return cells[best : best + 1], np.ones(1, dtype=np.int64)
 
 
 def _points(maps: xr.Dataset, opts: RefamOptions, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """RefAM refinement: a heatmap and its points → a mask, by threshold or by a SAM-family segmenter.
 
 - :func:`threshold_refine`: Otsu's threshold of the heatmap, then one connected component;
+- :func:`region_segmenter`: a model-free point-prompted segmenter for scenes of flat-coloured
+  objects (the embedded world), the connected region of the prompt pixel's colour;
 - image segmenters, prompted with the points of one image: ``transformers``' ``(SamModel,
   SamProcessor)`` and ``(Sam2Model, Sam2Processor)`` (one code path: the processors differ only
   in how deep they nest the points and whether masks are cut out of padding), or a callable
@@ -8,7 +10,8 @@
 - the video segmenter ``(Sam2VideoModel, Sam2VideoProcessor)``: prompted with the points of one
   frame, it propagates the object forwards and backwards through the clip.
 
-Every segmenter returns its best-scoring candidate at the input's size.
+Every segmenter returns its best-scoring candidate at the input's size. :func:`best_proposal`
+prompts a segmenter at many points, one at a time, and keeps the mask the heatmap favours.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ from PIL import Image
 from ..analysis.metrics import otsu_threshold
 from .errors import SegmenterMismatchError
 
-__all__ = ["Segmenter", "VideoSegmenter", "image_segmenter", "refine", "threshold_refine", "video_segmenter"]
+__all__ = [
+    "REFINERS",
+    "Segmenter",
+    "VideoSegmenter",
+    "best_proposal",
+    "image_segmenter",
+    "refine",
+    "region_segmenter",
+    "threshold_refine",
+    "video_segmenter",
+]
 
 #: ``(image (H, W, 3) uint8, points (n, 2) xy, labels (n,)) -> (H, W) bool``
 Segmenter = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -31,6 +44,9 @@ Segmenter = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 VideoSegmenter = Callable[[np.ndarray, int, np.ndarray, np.ndarray], np.ndarray]
 
 _PAIRS = "(SamModel, SamProcessor) or (Sam2Model, Sam2Processor)"
+#: the model-free refiners: ``"threshold"`` (:func:`threshold_refine`, prompted by no point) and
+#: ``"region"`` (:func:`region_segmenter`)
+REFINERS = ("threshold", "region")
 
 
 def threshold_refine(heat: np.ndarray, component: str, peak: tuple[float, float] | None) -> np.ndarray:
@@ -56,6 +72,68 @@ def threshold_refine(heat: np.ndarray, component: str, peak: tuple[float, float]
             return labelled == labelled[r, c]
     sizes = np.bincount(labelled.ravel())[1:]
     return labelled == (int(np.argmax(sizes)) + 1)
+
+
+def region_segmenter(tolerance: int = 24) -> Segmenter:
+    """A point-prompted segmenter that needs no model, for scenes of flat-coloured objects.
+
+    Each positive point selects the connected region of pixels whose colour lies within
+    ``tolerance`` grey levels (in every channel) of the pixel under the point; the mask is the
+    union of those regions, less the regions of negative points. On the embedded world it plays
+    SAM's part (an object's pixels all carry its colour; the default tolerance is twice the
+    speckle amplitude of a textured background, so that a background stays one region); on
+    photographs use SAM. A point on the background selects the background, as SAM would.
+
+    >>> rgb = np.zeros((6, 8, 3), dtype=np.uint8); rgb[1:4, 1:4] = (220, 40, 40); rgb[2:5, 5:8] = 200
+    >>> seg = region_segmenter()
+    >>> int(seg(rgb, np.array([[2.5, 2.5]]), np.array([1])).sum())  # the red square, (x, y) = (2.5, 2.5)
+    9
+    >>> int(seg(rgb, np.array([[0.5, 0.5], [6.5, 3.5]]), np.array([1, 1])).sum())  # background + grey
+    39
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance} must be 0 or more grey levels")
+
+    def run(rgb: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        from scipy import ndimage
+
+        pixels = np.asarray(rgb).astype(np.int16)
+        h, w = pixels.shape[:2]
+        mask = np.zeros((h, w), dtype=bool)
+        for positive in (True, False):  # negatives last: they carve out what positives took
+            for (x, y), label in zip(np.asarray(points), np.asarray(labels), strict=True):
+                if bool(label) != positive:
+                    continue
+                r, c = min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)
+                labelled, _ = ndimage.label(np.abs(pixels - pixels[r, c]).max(axis=-1) <= tolerance)
+                region = labelled == labelled[r, c]
+                mask = mask | region if positive else mask & ~region
+        return mask
+
+    return run
+
+
+def best_proposal(rgb: np.ndarray, heat: np.ndarray, points: np.ndarray, segmenter: Segmenter) -> int:
+    """Which of ``points`` ``(n, 2)`` xy, each prompting ``segmenter`` alone, gives the mask of
+    highest mean ``heat`` ``(H, W)``: the heatmap chooses among the segmenter's proposals (as SAM's
+    automatic mask generator prompts a grid of points), rather than at its single hottest pixel,
+    which can lie just off the object its heat surrounds.
+
+    >>> rgb = np.zeros((4, 8, 3), dtype=np.uint8); rgb[:, :3] = 200; rgb[:, 5:] = 90
+    >>> heat = np.zeros((4, 8)); heat[:, 3] = 1.0; heat[:, 5:] = 0.6  # the peak lies between them
+    >>> best_proposal(rgb, heat, np.array([[1.5, 2], [3.5, 2], [6.5, 2]]), region_segmenter())
+    2
+    """
+    scores: dict[bytes, float] = {}
+    best, best_score = 0, -np.inf
+    for i, point in enumerate(np.asarray(points, dtype=np.float64).reshape(-1, 2)):
+        mask = np.asarray(segmenter(rgb, point[None], np.ones(1, dtype=np.int64)), dtype=bool)
+        key = np.packbits(mask).tobytes()
+        if key not in scores:
+            scores[key] = float(heat[mask].mean()) if mask.any() else -np.inf
+        if scores[key] > best_score:
+            best, best_score = i, scores[key]
+    return best
 
 
 def refine(
@@ -145,14 +223,19 @@ def _is_video_pair(segmenter: Any) -> bool:
 
 
 def image_segmenter(segmenter: Any) -> Segmenter | None:
-    """The :data:`Segmenter` of ``segment``'s ``segmenter`` argument (``None``: the threshold refiner).
+    """The :data:`Segmenter` of ``segment``'s ``segmenter`` argument (``None`` or ``"threshold"``:
+    the threshold refiner, which takes no points; ``"region"``: :func:`region_segmenter`).
 
     Raises:
         SegmenterMismatchError: neither a callable nor a matching ``(model, processor)`` pair
             (a SAM2 *video* pair belongs to :func:`~attnlens.refam.segment_video`).
     """
-    if segmenter is None:
+    if segmenter is None or segmenter == "threshold":
         return None
+    if segmenter == "region":
+        return region_segmenter()
+    if isinstance(segmenter, str):
+        raise SegmenterMismatchError(f"unknown refiner {segmenter!r}: use one of {', '.join(REFINERS)}")
     if isinstance(segmenter, tuple | list) and len(segmenter) == 2:
         if _is_video_pair(segmenter):
             raise SegmenterMismatchError(

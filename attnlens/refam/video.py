@@ -44,8 +44,8 @@ from .image import (
     _loaded,
     _options,
     _PipelineBackend,
-    _points,
     _prompt,
+    _prompt_points,
     _resized,
 )
 from .image import _backend as _image_backend
@@ -201,7 +201,7 @@ def segment_video(
         model: a loaded diffusers ``WanPipeline``, ``CogVideoXPipeline`` or ``MochiPipeline`` (with
             its VAE); an image model of :func:`~attnlens.refam.segment` (a
             :class:`~attnlens.zoo.ShapesPipeline`, a ``FluxPipeline``, a zoo name), run frame by frame.
-        segmenter: ``None`` (the threshold refiner per frame); a ``(Sam2VideoModel,
+        segmenter: ``None`` (the ``refiner`` option's, per frame); a ``(Sam2VideoModel,
             Sam2VideoProcessor)`` pair from ``transformers`` (prompted on the frame with the
             strongest peak, propagated through the clip); or an image segmenter of
             :func:`~attnlens.refam.segment`, applied frame by frame.
@@ -219,7 +219,7 @@ def segment_video(
     model = _loaded(model)
     opts = _options(options, model)
     parsed = parse(expression, parser=opts.parser)
-    per_frame, propagate = video_segmenter(segmenter)
+    per_frame, propagate = video_segmenter(opts.refiner if segmenter is None else segmenter)
     clip = _as_clip(frames)
     n, height, width = clip.shape[:3]
     backend = _video_backend(model, opts)
@@ -235,8 +235,16 @@ def segment_video(
     info.update(grid=tuple(maps["heatmap"].shape), temporal_compression=backend.temporal)
 
     heatmaps = np.stack([_heat(maps["heatmap"].values[f], (height, width)) for f in token_frame])
+    if propagate is not None and opts.prompts == "grid":
+        raise SegmenterMismatchError(
+            "prompts='grid' prompts an image segmenter frame by frame; a video segmenter takes the peaks"
+        )
     points, labels = zip(
-        *(_points(maps.isel(frame=int(f)), opts, (height, width)) for f in token_frame), strict=True
+        *(
+            _prompt_points(maps.isel(frame=int(f)), opts, clip[i], heatmaps[i], per_frame)
+            for i, f in enumerate(token_frame)
+        ),
+        strict=True,
     )
     if propagate is not None and opts.refine:
         prompted = int(np.argmax(maps["heatmap"].values.max(axis=(1, 2))[token_frame]))  # the strongest peak

@@ -57,9 +57,14 @@ CLAIM_SUBSET = 80
 _TOLERANCE = 0.03
 #: noise seeds of every RefAM measurement on test
 SEEDS = (0, 1, 2)
-#: RefAM's options tried on val, in this order, one at a time; ``layers``: all, the double-stream
+#: RefAM's options tried on val, in this order, one at a time; ``refiner`` and ``prompts``: the
+#: threshold refiner or the region segmenter (SAM's model-free stand-in on flat-coloured scenes),
+#: prompted at the heatmap's peak or at the grid cell whose segment holds the most heat (a grid
+#: with the threshold refiner is refused and scores nothing); ``layers``: all, the double-stream
 #: blocks or the single-stream blocks (the paper compares depths; sinks grow in the deeper ones)
 OPTION_GRID: dict[str, tuple[Any, ...]] = {
+    "refiner": ("threshold", "region"),
+    "prompts": ("peaks", "grid"),
     "t": (0.3, 0.5, 0.7),
     "layers": (None, "double.*", "single.*"),
     "text_share": (True, False),
@@ -73,6 +78,8 @@ EXTRA_ABLATIONS: dict[str, dict[str, Any]] = {
     "GAS handling on the target's tokens too": {"gas_spare_targets": False},
     "spatial prior without a floor": {"prior_floor": 0.0},
     "raw probabilities (no text shares)": {"text_share": False},
+    "peak point (no grid of prompts)": {"prompts": "peaks"},
+    "threshold refiner (no segmenter)": {"refiner": "threshold", "prompts": "peaks"},
 }
 _DISTRACTOR = "same-colour distractor"
 
@@ -148,6 +155,7 @@ def choose_options(
     Returns the chosen options and one row per trial (``option``, ``value``, ``mIoU``, ``chosen``).
     """
     from ..refam.benchmark import evaluate
+    from ..refam.errors import SegmenterMismatchError
 
     options = dict(start if start is not None else model_options(pipe))
     seen: dict[tuple, float] = {}
@@ -156,13 +164,16 @@ def choose_options(
     def score(opts: dict[str, Any]) -> float:
         key = tuple(sorted((k, repr(v)) for k, v in opts.items()))
         if key not in seen:
-            result = evaluate(pipe, pairs, {"RefAM": {}}, progress=False, **opts)
-            seen[key] = float(result[result.variant == "RefAM"].iou.mean())
+            try:
+                result = evaluate(pipe, pairs, {"RefAM": {}}, progress=False, **opts)
+                seen[key] = float(result[result.variant == "RefAM"].iou.mean())
+            except SegmenterMismatchError:  # e.g. a grid of prompts for the threshold refiner
+                seen[key] = float("nan")
         return seen[key]
 
     for option, values in tqdm(OPTION_GRID.items(), desc="choosing options on val", disable=not progress):
         trials = {v: score({**options, option: v}) for v in values}
-        best = max(trials, key=lambda v: (trials[v], v == options.get(option)))
+        best = max(trials, key=lambda v: (np.nan_to_num(trials[v], nan=-1.0), v == options.get(option)))
         options[option] = best
         rows += [dict(option=option, value=repr(v), mIoU=m, chosen=v == best) for v, m in trials.items()]
     return options, pd.DataFrame(rows)
