@@ -359,7 +359,11 @@ def write_card(
         "## RefAM on the test split",
         "",
         f"Options chosen on val: `{json.dumps(m.options)}`. mIoU is the mean over seeds "
-        f"{', '.join(map(str, m.seeds))}; spread is their standard deviation.",
+        f"{', '.join(map(str, m.seeds))}; spread is their standard deviation; pointing is the share "
+        "of heatmaps whose hottest pixel lies inside the target. The region segmenter "
+        "(`refiner='region'`, SAM's stand-in) cuts its mask out of the clean image's flat colours: "
+        "'random object' is what such a perfect segmenter scores when nothing tells it which "
+        "object is meant, so RefAM's margin over it is what the attention adds.",
         "",
         markdown_table(test),
         "",
