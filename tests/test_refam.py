@@ -13,6 +13,7 @@ from attnlens.datasets import shapesref
 from attnlens.errors import AttnlensError, HookError, UnsupportedModelError
 from attnlens.refam import image as refam_image
 from attnlens.refam.image import _filter_sinks
+from attnlens.refam.refine import image_segmenter
 from attnlens.testing import tiny_flux_pipeline, tiny_sam2, tiny_shapes_pipeline, tiny_t5_tokenizer
 from attnlens.text import TruncationWarning
 
@@ -491,6 +492,18 @@ def test_tiny_sam_segmenter(shapes, odd):
     assert r.info["refiner"].startswith("segmenter")
     again = refam.segment(odd, EXPRESSION, model=shapes, segmenter=(model, processor), negatives=1)
     assert np.array_equal(r.mask, again.mask)
+
+
+@pytest.mark.parametrize("family", ["sam", "sam2"])
+def test_a_grid_of_prompts_encodes_the_image_once(shapes, scene, family):
+    from unittest import mock
+
+    model, processor = _tiny_sam()[:2] if family == "sam" else _tiny_sam2()
+    with mock.patch.object(model, "get_image_embeddings", wraps=model.get_image_embeddings) as encode:
+        r = refam.segment(scene, EXPRESSION, model=shapes, segmenter=(model, processor), prompts="grid")
+    assert encode.call_count == 1 and r.mask.shape == (64, 64) and len(r.points) == 1
+    fresh = image_segmenter((model, processor))  # one that never saw the image, prompted at that point
+    np.testing.assert_array_equal(fresh(scene, r.points, r.point_labels), r.mask)
 
 
 def test_callable_segmenter_gets_the_points(shapes, odd):

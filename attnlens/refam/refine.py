@@ -16,6 +16,7 @@ prompts a segmenter at many points, one at a time, and keeps the mask the heatma
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -197,6 +198,9 @@ def _sam(model: Any, processor: Any) -> Segmenter:
             f"{type(model).__name__} takes {size} × {size}: use the processor saved with the model"
         )
 
+    # the image encoder is most of SAM's cost: a grid of prompts on one image encodes it once
+    encoded: dict[str, Any] = {}
+
     @torch.no_grad()
     def run(rgb: np.ndarray, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
         nest = (lambda v: [[v]]) if sam2 else (lambda v: [v])  # SAM2: image, object, point; SAM: image, point
@@ -206,7 +210,15 @@ def _sam(model: Any, processor: Any) -> Segmenter:
             input_labels=nest(labels.tolist()),
             return_tensors="pt",
         ).to(model.device)
-        out = model(**inputs, multimask_output=True)
+        key = hashlib.sha1(np.ascontiguousarray(rgb).data).hexdigest() + repr(rgb.shape)
+        if encoded.get("key") != key:
+            encoded.update(key=key, embeddings=model.get_image_embeddings(inputs["pixel_values"]))
+        out = model(
+            image_embeddings=encoded["embeddings"],
+            input_points=inputs["input_points"],
+            input_labels=inputs["input_labels"],
+            multimask_output=True,
+        )
         padded = [inputs["reshaped_input_sizes"].cpu()] if "reshaped_input_sizes" in inputs else []  # SAM
         masks = processor.image_processor.post_process_masks(
             out.pred_masks.cpu(), inputs["original_sizes"].cpu(), *padded
