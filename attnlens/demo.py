@@ -136,7 +136,8 @@ def run(
         f"GAS handling {options.get('gas', 'suppress')!r}, the spatial prior and {_refiner(options)}; "
         "attention only: the head noun's raw head-mean map, Otsu-thresholded. "
         "The baselines need no model; colour lookup reads the named colour off the clean image; "
-        "random object is one object picked blindly, what a perfect segmenter scores untold.",
+        "random object is one object picked blindly: what a perfect segmenter scores when it is not "
+        "told which object is meant.",
         note=True,
     )
     _gallery(report, pipe, pairs, gallery, options)
